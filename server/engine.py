@@ -22,7 +22,14 @@ from ranker.features import Features
 
 
 class CaptureError(RuntimeError):
-    """A request finished without captured states: never scored as zeros."""
+    """A request finished without captured states: never scored as zeros.
+
+    Carries the generation (texts, features None) so a fail-open server can still answer.
+    """
+
+    def __init__(self, message: str, generation: "Generation | None" = None):
+        super().__init__(message)
+        self.generation = generation
 
 
 @dataclass
@@ -31,7 +38,7 @@ class Candidate:
     text: str
     token_ids: list[int]
     finish_reason: str | None
-    features: Features
+    features: Features | None
 
 
 @dataclass
@@ -157,16 +164,20 @@ class Engine:
         t0 = time.perf_counter()
         out = await self._run(TokensPrompt(prompt_token_ids=prompt_ids), params, tag)
         t1 = time.perf_counter()
-        recs = await self._fetch(tag, len(out.outputs))
-        t2 = time.perf_counter()
-        cands = [
-            Candidate(index=c.index, text=c.text, token_ids=list(c.token_ids),
-                      finish_reason=c.finish_reason, features=self._features(recs[c.index]))
-            for c in out.outputs
-        ]
-        return Generation(prompt_tokens=len(prompt_ids), candidates=cands,
-                          generation_seconds=t1 - t0, capture_seconds=t2 - t1,
-                          rows=[recs[c.index]["rows"] for c in out.outputs])
+        cands = [Candidate(index=c.index, text=c.text, token_ids=list(c.token_ids),
+                           finish_reason=c.finish_reason, features=None) for c in out.outputs]
+        gen = Generation(prompt_tokens=len(prompt_ids), candidates=cands,
+                         generation_seconds=t1 - t0, capture_seconds=0.0)
+        try:
+            recs = await self._fetch(tag, len(cands))
+        except CaptureError as e:
+            e.generation = gen
+            raise
+        for c in cands:
+            c.features = self._features(recs[c.index])
+        gen.rows = [recs[c.index]["rows"] for c in cands]
+        gen.capture_seconds = time.perf_counter() - t1
+        return gen
 
     async def encode(self, prompt_ids: list[int], responses: list[str]) -> list[Features]:
         """Features for given responses to a prompt, through the same engine and capture."""

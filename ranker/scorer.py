@@ -1,0 +1,116 @@
+"""The SRR scorer (arXiv 2505.15710): projection, one Transformer block, cosine over tau.
+
+Input per list: the instruction vector and K candidate vectors, pooled from the serving
+model's residual stream. One shared linear projection to width d, one post-LayerNorm
+Transformer encoder block with no positional encoding over [instruction, c_1..c_K] (so it is
+order-free over candidates), then score_i = cos(out_instruction, out_i) / tau.
+
+Scores rank candidates within a list. For the threshold and fallback policy they are mapped
+to P(acceptable) by a Platt fit (a * score + b) on validation lists; see ranker/calibrate.py.
+
+Checkpoints are folders (`save_pretrained` / `from_pretrained`): `scorer.safetensors` and
+`config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ranker.features import Pooling
+
+WEIGHTS_FILE = "scorer.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class ScorerConfig:
+    base_model: str
+    layers: list[int]
+    pooling: Pooling
+    hidden_size: int  # width of the serving model's residual stream
+    base_model_revision: str | None = None
+    d_model: int = 256
+    n_heads: int = 4
+    dropout: float = 0.1
+    tau: float = 0.1
+    calib_a: float = 1.0  # P(acceptable) = sigmoid(calib_a * score + calib_b)
+    calib_b: float = 0.0
+    threshold: float = 0.5  # on P(acceptable); chosen on validation
+    name: str = "srr"
+    version: str = "0"
+    training: dict = field(default_factory=dict)  # data hashes, command, seed
+
+    @property
+    def input_dim(self) -> int:
+        return self.hidden_size * len(self.layers)
+
+
+class SRRScorer(nn.Module):
+    def __init__(self, config: ScorerConfig):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        # Residual-stream features have a few huge dimensions; standardize with training stats.
+        self.register_buffer("feat_mean", torch.zeros(config.input_dim))
+        self.register_buffer("feat_std", torch.ones(config.input_dim))
+        self.proj = nn.Linear(config.input_dim, d)
+        self.block = nn.TransformerEncoderLayer(
+            d, config.n_heads, 4 * d, config.dropout, batch_first=True, norm_first=False
+        )
+
+    def forward(self, instruction: torch.Tensor, candidates: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """instruction [B, D], candidates [B, K, D], mask [B, K] (True = real) -> scores [B, K]."""
+        x = torch.cat([instruction.unsqueeze(1), candidates], dim=1)
+        x = self.proj((x - self.feat_mean) / self.feat_std)
+        pad = None
+        if mask is not None:
+            keep = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+            pad = ~keep
+        h = self.block(x, src_key_padding_mask=pad)
+        scores = F.cosine_similarity(h[:, :1], h[:, 1:], dim=-1) / self.config.tau
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores
+
+    def probability(self, scores: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.config.calib_a * scores + self.config.calib_b)
+
+    @torch.no_grad()
+    def score(self, instruction, candidates) -> tuple[list[float], list[float]]:
+        """One list, numpy or tensors: instruction [D], candidates [K, D] -> (scores, P)."""
+        self.eval()
+        i = torch.as_tensor(instruction, dtype=torch.float32).unsqueeze(0)
+        c = torch.as_tensor(candidates, dtype=torch.float32).unsqueeze(0)
+        s = self(i, c)[0]
+        return s.tolist(), self.probability(s).tolist()
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, folder / WEIGHTS_FILE)
+        (folder / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "SRRScorer":
+        folder = Path(folder)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"scorer checkpoint {folder} has no {name}")
+        config = ScorerConfig(**json.loads((folder / CONFIG_FILE).read_text()))
+        model = cls(config)
+        state = load_file(folder / WEIGHTS_FILE)
+        expected = model.state_dict()
+        bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
+        if bad:
+            raise ValueError(f"scorer checkpoint {folder} does not match its config: {bad[:3]}")
+        model.load_state_dict(state)
+        return model.eval()

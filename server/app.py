@@ -1,0 +1,215 @@
+"""The HTTP layer: OpenAI routes over the Service, errors as OpenAI error bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Awaitable, Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import metrics
+from server.config import Settings
+from server.schemas import (
+    ChatCompletionRequest, ChatCompletionResponse, ErrorBody, ErrorResponse, ModelCard,
+    ModelList, ScoreRequest, ScoreResponse, chunk,
+)
+from server.service import APIError, Service
+
+logger = logging.getLogger(__name__)
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error",
+                   param: str | None = None, code: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(message=message, type=type_, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies over the limit, chunked uploads included."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = error_response(413, f"request body exceeds {self.max_bytes} bytes",
+                                 code="request_too_large")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await too_big(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def until_disconnected(request: Request, work: Awaitable):
+    """Run `work`, cancelling it (and so aborting its vLLM requests) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            raise asyncio.CancelledError("client disconnected")
+
+
+def create_app(settings: Settings, build_service: Callable[[], Awaitable[Service]],
+               on_engine_dead: Callable[[], None] | None = None) -> FastAPI:
+    state: dict = {"service": None, "in_flight": 0}
+
+    async def watch_engine() -> None:
+        while state["service"].engine.is_alive():
+            await asyncio.sleep(1.0)
+        logger.error("the vLLM engine died; /health now answers 503")
+        if on_engine_dead is not None:
+            on_engine_dead()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state["service"] = await build_service()
+        watchdog = asyncio.create_task(watch_engine())
+        try:
+            yield
+        finally:
+            watchdog.cancel()
+            state["service"].engine.shutdown()
+
+    app = FastAPI(title="SRR server", version="0.1.0", lifespan=lifespan)
+    app.state.srr = state
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
+    def service() -> Service:
+        return state["service"]
+
+    def authorize(request: Request) -> None:
+        if not settings.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
+            raise APIError(401, "Invalid or missing API key (Authorization: Bearer ...)",
+                           "authentication_error", code="invalid_api_key")
+
+    def open_or_authorized(request: Request) -> None:
+        if settings.protect_metrics:
+            authorize(request)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError):
+        return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {}
+        loc = [str(p) for p in err.get("loc", []) if p != "body"]
+        # Never echo the input back: it may hold prompt text.
+        msg = f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid request')}"
+        return error_response(400, msg, param=".".join(loc) or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException):
+        return error_response(e.status_code, str(e.detail),
+                              "not_found_error" if e.status_code == 404 else "invalid_request_error")
+
+    async def limited(work: Awaitable):
+        if state["in_flight"] >= settings.max_concurrent_requests:
+            work.close()
+            raise APIError(429, "Too many concurrent requests; retry later", "rate_limit_error",
+                           code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        state["in_flight"] += 1
+        metrics.IN_FLIGHT.inc()
+        try:
+            return await work
+        finally:
+            state["in_flight"] -= 1
+            metrics.IN_FLIGHT.dec()
+
+    @app.get("/health")
+    async def health(_: None = Depends(open_or_authorized)):
+        svc = state["service"]
+        if svc is None or not svc.engine.is_alive():
+            return error_response(503, "engine is not running", "server_error")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus(_: None = Depends(open_or_authorized)):
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models(_: None = Depends(authorize), svc: Service = Depends(service)):
+        return ModelList(data=[ModelCard(id=svc.model_name)])
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+                         429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    async def chat(body: ChatCompletionRequest, request: Request,
+                   _: None = Depends(authorize), svc: Service = Depends(service)):
+        result = await limited(until_disconnected(request, svc.chat(body)))
+        if not body.stream:
+            return result
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(stream_chunks(result, include_usage),
+                                 media_type="text/event-stream")
+
+    @app.post("/v1/srr/score", response_model=ScoreResponse,
+              responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+    async def score(body: ScoreRequest, request: Request,
+                    _: None = Depends(authorize), svc: Service = Depends(service)):
+        return await limited(until_disconnected(request, svc.score(body)))
+
+    return app
+
+
+def stream_chunks(result: ChatCompletionResponse, include_usage: bool):
+    """Selection needs every candidate finished, so the winner is streamed after selection.
+
+    Each returned choice streams as a role chunk, a content chunk and a finish chunk; the
+    `srr` object rides on the last chunk (the usage chunk when asked for).
+    """
+    cid, created, model = result.id, result.created, result.model
+    usage = result.usage.model_dump() if include_usage else None
+    last = len(result.choices) - 1
+    for c in result.choices:
+        yield _sse(chunk(cid, created, model, {"role": "assistant", "content": ""}, index=c.index))
+        yield _sse(chunk(cid, created, model, {"content": c.message.content}, index=c.index))
+        extra = {}
+        if c.index == last and not include_usage and result.srr is not None:
+            extra["srr"] = result.srr.model_dump()
+        yield _sse(chunk(cid, created, model, {}, c.finish_reason, index=c.index, **extra))
+    if include_usage:
+        body = {"id": cid, "object": "chat.completion.chunk", "created": created,
+                "model": model, "choices": [], "usage": usage}
+        if result.srr is not None:
+            body["srr"] = result.srr.model_dump()
+        yield _sse(body)
+    yield "data: [DONE]\n\n"
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"

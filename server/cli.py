@@ -1,0 +1,100 @@
+"""The `srr` command line: serve, model path (and the training/evaluation commands)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from server.config import Settings
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; unset flags fall back to SRR_* variables, then defaults."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"SRR_{name.upper()}"
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{field.description} [{env}]")
+        else:
+            parser.add_argument(flag, default=None, help=f"{field.description} [{env}]")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**given)
+
+
+def check_scorer_fits(scorer_config, model_dir: Path) -> None:
+    model_cfg = json.loads((model_dir / "config.json").read_text())
+    width = model_cfg.get("hidden_size")
+    n_layers = model_cfg.get("num_hidden_layers")
+    if width != scorer_config.hidden_size:
+        raise SystemExit(f"scorer expects hidden size {scorer_config.hidden_size}, but the model "
+                         f"in {model_dir} has {width}: use a scorer trained for this model")
+    bad = [layer for layer in scorer_config.layers if not 0 <= layer < (n_layers or 0)]
+    if bad:
+        raise SystemExit(f"scorer reads layer(s) {bad}, but the model has {n_layers} layers")
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    from ranker.scorer import SRRScorer
+    from server import default_model
+    from server.app import create_app
+    from server.engine import Engine
+    from server.service import Service
+
+    try:
+        scorer = SRRScorer.from_pretrained(settings.scorer_dir)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        raise SystemExit(f"cannot load the scorer: {e}") from None
+    model_dir = settings.model_dir or default_model.prepare()
+    check_scorer_fits(scorer.config, model_dir)
+    engine = Engine(model_dir, scorer.config.layers, cache_dir=settings.cache_dir,
+                    max_model_len=settings.max_model_len, enforce_eager=settings.enforce_eager,
+                    served_model_name=settings.served_model_name)
+
+    async def build() -> Service:
+        await engine.start()
+        return Service(settings, engine, scorer)
+
+    dead = []
+
+    def on_engine_dead() -> None:
+        dead.append(True)
+        server.should_exit = True
+
+    app = create_app(settings, build, on_engine_dead)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           timeout_graceful_shutdown=60))
+    server.run()
+    return 1 if dead else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="srr", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="serve the OpenAI-compatible API")
+    _add_settings_flags(p_serve)
+    p_model = sub.add_parser("model", help="the default model")
+    p_model.add_argument("action", choices=["path"])
+    args = parser.parse_args(argv)
+
+    if args.command == "serve":
+        return serve(settings_from_args(args))
+    if args.command == "model":
+        from server import default_model
+
+        print(default_model.prepare())
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
