@@ -84,10 +84,22 @@ def main(argv: list[str] | None = None) -> int:
     _add_settings_flags(p_serve)
     p_model = sub.add_parser("model", help="the default model")
     p_model.add_argument("action", choices=["path"])
+    p_train = sub.add_parser("train", help="train the scorer on real labelled data (see ranker/pipeline.py)")
+    p_train.add_argument("--out", type=Path, default=Path("weights/smollm2-135m-instruct"))
+    p_train.add_argument("--epochs", type=int, default=30)
     args = parser.parse_args(argv)
 
     if args.command == "serve":
         return serve(settings_from_args(args))
+    if args.command == "train":
+        import asyncio
+
+        from ranker import pipeline
+        from server.config import Settings as _S
+
+        report = asyncio.run(pipeline.run(args.out, _S().cache_dir, epochs=args.epochs))
+        print(json.dumps({k: report[k] for k in ("chosen", "val", "test", "xstest")}, indent=2))
+        return 0
     if args.command == "model":
         from server import default_model
 

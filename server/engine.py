@@ -179,16 +179,19 @@ class Engine:
         gen.capture_seconds = time.perf_counter() - t1
         return gen
 
-    async def encode(self, prompt_ids: list[int], responses: list[str]) -> list[Features]:
-        """Features for given responses to a prompt, through the same engine and capture."""
+    async def encode(self, prompt_ids: list[int], responses: list[str | list[int]]) -> list[Features]:
+        """Features for given responses (text or token ids) to a prompt, through the same
+        engine and capture. A generated candidate's fed rows are its token ids but the last."""
         return list(await asyncio.gather(*(self._encode_one(prompt_ids, r) for r in responses)))
 
-    async def _encode_one(self, prompt_ids: list[int], response: str) -> Features:
+    async def _encode_one(self, prompt_ids: list[int], response: str | list[int]) -> Features:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         tag = "srr" + uuid.uuid4().hex
-        ids = prompt_ids + self.tokenizer.encode(response, add_special_tokens=False)
+        if isinstance(response, str):
+            response = self.tokenizer.encode(response, add_special_tokens=False)
+        ids = prompt_ids + list(response)
         params = SamplingParams(
             max_tokens=1, temperature=0.0,
             extra_args={capture.TAG_KEY: tag, capture.RESPONSE_START_KEY: len(prompt_ids)},

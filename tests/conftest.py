@@ -1,0 +1,123 @@
+"""Fixtures that run the real parts: vLLM serving SmolLM2-135M-Instruct with SRR capture."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCORER_DIR = REPO / "weights" / "smollm2-135m-instruct"
+STARTUP_SECONDS = 600
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    from server import default_model
+
+    return default_model.prepare()
+
+
+@pytest.fixture(scope="session")
+def scorer():
+    from ranker.scorer import SRRScorer
+
+    return SRRScorer.from_pretrained(SCORER_DIR)
+
+
+class LoopThread:
+    """An event loop in a thread: AsyncLLM binds to the loop it was created on."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 600):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir, scorer):
+    """The server's Engine in-process, capturing the shipped scorer's layer(s)."""
+    from server.config import Settings
+    from server.engine import Engine
+
+    runner = LoopThread()
+    eng = Engine(model_dir, scorer.config.layers, cache_dir=Settings().cache_dir,
+                 max_model_len=Settings().max_model_len)
+    runner.run(eng.start())
+    eng.run = runner.run
+    yield eng
+    eng.shutdown()
+    runner.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, extra_env: dict | None = None, args: list[str] | None = None):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = open(REPO / ".pytest_cache" / f"server-{self.port}.log", "w") \
+            if (REPO / ".pytest_cache").is_dir() else subprocess.DEVNULL
+        env = {**os.environ, **(extra_env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), *(args or [])],
+            cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_healthy(self, timeout: float = STARTUP_SECONDS) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode} during start-up")
+            try:
+                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError("server did not become healthy")
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    (REPO / ".pytest_cache").mkdir(exist_ok=True)
+    srv = ServerProcess()
+    try:
+        srv.wait_healthy()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=300)

@@ -1,0 +1,121 @@
+"""The served API end to end: real vLLM, real model, shipped scorer, OpenAI SDK as client."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+MODEL = "SmolLM2-135M-Instruct"
+ASK = [{"role": "user", "content": "How do I keep basil fresh after buying it?"}]
+
+
+def metric(base: str, name: str, labels: str = "") -> float:
+    text = httpx.get(base + "/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + ("{" if labels or "{" in line.split(" ")[0] else " ")) and labels in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(server.base + "/health").status_code == 200
+
+
+def test_returns_highest_scored_candidate(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=16,
+        extra_body={"srr": {"candidates": 4, "return_candidates": True}, "ignore_eos": True})
+    srr = r.model_dump()["srr"]
+    assert srr["candidates"] == 4 and len(srr["scores"]) == 4 and len(srr["candidate_texts"]) == 4
+    assert r.usage.completion_tokens == 4 * 16  # every candidate is paid for
+    if srr["fallback"] is None:
+        best = int(np.argmax(srr["scores"]))
+        assert srr["selected"] == best
+        assert r.choices[0].message.content == srr["candidate_texts"][best]
+        assert srr["probabilities"][best] >= srr["threshold"]
+    else:
+        assert srr["selected"] is None and max(srr["probabilities"]) < srr["threshold"]
+
+
+def test_n_best_of_k_in_score_order(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=8, n=3,
+        extra_body={"srr": {"candidates": 5, "return_candidates": True}, "srr_fallback": None})
+    srr = r.model_dump()["srr"]
+    if srr["fallback"] is None:
+        order = sorted(range(5), key=lambda i: -srr["scores"][i])[:3]
+        assert [c.message.content for c in r.choices] == [srr["candidate_texts"][i] for i in order]
+
+
+def test_streaming_returns_the_selected_text(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=12, stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"srr": {"candidates": 3, "return_candidates": True}})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    last = chunks[-1].model_dump()
+    assert last["usage"]["completion_tokens"] > 0
+    srr = last["srr"]
+    if srr["fallback"] is None:
+        assert text == srr["candidate_texts"][srr["selected"]]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+
+
+def test_score_endpoint_agrees_with_chat(client, server):
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=48,
+        extra_body={"srr": {"candidates": 4, "return_candidates": True}})
+    srr = r.model_dump()["srr"]
+    resp = httpx.post(server.base + "/v1/srr/score", timeout=120, json={
+        "model": MODEL, "messages": ASK, "candidates": srr["candidate_texts"]})
+    assert resp.status_code == 200
+    scored = resp.json()
+    assert scored["layer"] == srr["layer"] and scored["scorer"] == srr["scorer"]
+    # Same texts, same features: equal up to bf16 noise and the unfed last token of
+    # candidates cut by max_tokens (the encode path reads every token of the text).
+    np.testing.assert_allclose(scored["probabilities"], srr["probabilities"], atol=0.1)
+    assert int(np.argmax(scored["scores"])) in np.argsort(srr["scores"])[-2:]
+
+
+def test_metrics_move(client, server):
+    before = metric(server.base, "srr_requests_total")
+    gen_before = metric(server.base, "vllm:generation_tokens_total")
+    client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4,
+                                   extra_body={"srr": {"candidates": 2}})
+    assert metric(server.base, "srr_requests_total") == before + 1
+    assert metric(server.base, "vllm:generation_tokens_total") >= gen_before + 2
+    assert metric(server.base, "srr_candidates_count") >= 1
+    assert metric(server.base, "srr_scoring_seconds_count") >= 1
+
+
+@pytest.mark.parametrize("body,status", [
+    ({"model": "nope", "messages": ASK}, 404),
+    ({"model": MODEL, "messages": []}, 400),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400),
+    ({"model": MODEL, "messages": ASK, "max_tokens": -1}, 400),
+    ({"model": MODEL, "messages": ASK, "n": 9, "srr": {"candidates": 4}}, 400),
+    ({"model": MODEL, "messages": ASK, "srr": {"candidates": 10_000}}, 400),
+    ({"model": MODEL, "messages": ASK, "srr": {"mode": "off"}}, 400),
+])
+def test_bad_requests_get_openai_errors(server, body, status):
+    r = httpx.post(server.base + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    assert httpx.get(server.base + "/health").status_code == 200
+
+
+def test_malformed_json(server):
+    r = httpx.post(server.base + "/v1/chat/completions", content=b"{not json",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_sdk_raises_typed_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=ASK)
