@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import numpy as np
 
 from ranker.scorer import SRRScorer
 from server import metrics
+from server.audit import AuditLog
 from server.config import Settings
 from server.engine import CaptureError, Engine, Generation
 from server.schemas import (
@@ -53,6 +55,7 @@ class Service:
         cfg = scorer.config
         self.threshold = settings.threshold if settings.threshold is not None else cfg.threshold
         self.scorer_name = f"{cfg.name}@{cfg.version}"
+        self.audit = AuditLog(settings.audit_log, settings.log_text) if settings.audit_log else None
 
     @property
     def model_name(self) -> str:
@@ -164,12 +167,23 @@ class Service:
         metrics.CANDIDATES.observe(len(gen.candidates))
         metrics.GENERATION_SECONDS.observe(gen.generation_seconds)
         metrics.CAPTURE_SECONDS.observe(gen.capture_seconds)
-        metrics.REQUEST_SECONDS.observe(time.perf_counter() - t_start)
-        return ChatCompletionResponse(
+        seconds = time.perf_counter() - t_start
+        metrics.REQUEST_SECONDS.observe(seconds)
+        response = ChatCompletionResponse(
             model=self.model_name, choices=choices, srr=info,
             usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
                         total_tokens=len(prompt_ids) + completion_tokens),
         )
+        if self.audit:
+            self.audit.write(
+                id=response.id, outcome=outcome, candidates=len(gen.candidates),
+                scores=scored.scores, probabilities=scored.probabilities, selected=selected,
+                fallback=fallback, threshold=self.threshold, model=self.model_name,
+                scorer=self.scorer_name, seconds={"total": seconds, "generation": gen.generation_seconds,
+                                                  "capture": gen.capture_seconds, "scoring": scored.seconds},
+                prompt=self.audit.text(json.dumps([m.model_dump() for m in req.messages])),
+                response=[self.audit.text(c.message.content) for c in choices])
+        return response
 
     async def _generate_scored_or_fail(self, prompt_ids, params) -> Scored:
         """Scored candidates; on a capture or scorer failure, fail open (scores empty) or 503."""
