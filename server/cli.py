@@ -87,10 +87,22 @@ def main(argv: list[str] | None = None) -> int:
     p_train = sub.add_parser("train", help="train the scorer on real labelled data (see ranker/pipeline.py)")
     p_train.add_argument("--out", type=Path, default=Path("weights/smollm2-135m-instruct"))
     p_train.add_argument("--epochs", type=int, default=30)
+    p_bench = sub.add_parser("bench", help="benchmark against plain vLLM (see server/bench.py)")
+    p_bench.add_argument("--k", type=int, default=8)
+    p_bench.add_argument("--tokens", type=int, default=64)
+    p_bench.add_argument("--requests", type=int, default=16)
+    p_bench.add_argument("--seed", type=int, default=None)
+    p_bench.add_argument("--port", type=int, default=8100)
+    p_bench.add_argument("--model-dir", default=None)
+    p_bench.add_argument("--out", default="reports/bench.json")
     args = parser.parse_args(argv)
 
     if args.command == "serve":
         return serve(settings_from_args(args))
+    if args.command == "bench":
+        from server import bench
+
+        return bench.main(args)
     if args.command == "train":
         import asyncio
 
