@@ -137,15 +137,15 @@ def create_app(settings: Settings, build_service: Callable[[], Awaitable[Service
         return error_response(e.status_code, str(e.detail),
                               "not_found_error" if e.status_code == 404 else "invalid_request_error")
 
-    async def limited(work: Awaitable):
+    async def limited(start: Callable[[], Awaitable]):
+        """Past the limit answer 429 at once rather than queueing without bound."""
         if state["in_flight"] >= settings.max_concurrent_requests:
-            work.close()
             raise APIError(429, "Too many concurrent requests; retry later", "rate_limit_error",
                            code="rate_limit_exceeded", headers={"Retry-After": "1"})
         state["in_flight"] += 1
         metrics.IN_FLIGHT.inc()
         try:
-            return await work
+            return await start()
         finally:
             state["in_flight"] -= 1
             metrics.IN_FLIGHT.dec()
@@ -170,7 +170,7 @@ def create_app(settings: Settings, build_service: Callable[[], Awaitable[Service
                          429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
     async def chat(body: ChatCompletionRequest, request: Request,
                    _: None = Depends(authorize), svc: Service = Depends(service)):
-        result = await limited(until_disconnected(request, svc.chat(body)))
+        result = await limited(lambda: until_disconnected(request, svc.chat(body)))
         if not body.stream:
             return result
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -181,7 +181,7 @@ def create_app(settings: Settings, build_service: Callable[[], Awaitable[Service
               responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
     async def score(body: ScoreRequest, request: Request,
                     _: None = Depends(authorize), svc: Service = Depends(service)):
-        return await limited(until_disconnected(request, svc.score(body)))
+        return await limited(lambda: until_disconnected(request, svc.score(body)))
 
     return app
 

@@ -1,0 +1,104 @@
+"""Pure parts: scorer checkpoint format, loss, selection, request-id mapping, settings checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ranker.capture import parse_layers, split_request_id
+from ranker.scorer import ScorerConfig, SRRScorer
+from ranker.train import RankList, listwise_loss, top1_accuracy
+from server.cli import check_scorer_fits
+from server.selection import rank
+
+
+def small_config(**kw):
+    return ScorerConfig(base_model="m", layers=[3], pooling="mean", hidden_size=16, d_model=8,
+                        n_heads=2, **kw)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = SRRScorer(small_config()).eval()
+    i, c = np.random.randn(16).astype(np.float32), np.random.randn(5, 16).astype(np.float32)
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "scorer.safetensors"]
+    again = SRRScorer.from_pretrained(tmp_path)
+    assert np.allclose(model.score(i, c)[0], again.score(i, c)[0])
+
+
+def test_scores_do_not_depend_on_candidate_order():
+    torch.manual_seed(0)
+    model = SRRScorer(small_config()).eval()
+    i, c = np.random.randn(16).astype(np.float32), np.random.randn(6, 16).astype(np.float32)
+    perm = np.random.permutation(6)
+    s, _ = model.score(i, c)
+    sp, _ = model.score(i, c[perm])
+    assert np.allclose(np.array(s)[perm], sp, atol=1e-5)
+
+
+def test_padding_mask_matches_unpadded():
+    torch.manual_seed(0)
+    model = SRRScorer(small_config()).eval()
+    i, c = torch.randn(1, 16), torch.randn(1, 3, 16)
+    padded = torch.cat([c, torch.randn(1, 2, 16)], dim=1)
+    mask = torch.tensor([[True, True, True, False, False]])
+    with torch.no_grad():
+        assert torch.allclose(model(i, c)[0], model(i, padded, mask)[0, :3], atol=1e-5)
+
+
+def test_checkpoint_that_does_not_fit_is_refused(tmp_path):
+    SRRScorer(small_config()).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["hidden_size"] = 32
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not match"):
+        SRRScorer.from_pretrained(tmp_path)
+    (tmp_path / "scorer.safetensors").unlink()
+    with pytest.raises(FileNotFoundError):
+        SRRScorer.from_pretrained(tmp_path)
+
+
+def test_scorer_width_checked_against_model(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 576, "num_hidden_layers": 30}))
+    with pytest.raises(SystemExit, match="hidden size"):
+        check_scorer_fits(small_config(), tmp_path)
+    with pytest.raises(SystemExit, match="layer"):
+        check_scorer_fits(ScorerConfig(base_model="m", layers=[40], pooling="mean",
+                                       hidden_size=576), tmp_path)
+
+
+def test_listwise_loss_prefers_safe_on_top():
+    labels = torch.tensor([[1.0, 0.0, 0.0]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    good = listwise_loss(torch.tensor([[5.0, 0.0, 0.0]]), labels, mask)
+    bad = listwise_loss(torch.tensor([[0.0, 5.0, 0.0]]), labels, mask)
+    assert good < bad
+
+
+def test_top1_accuracy_skips_lists_without_acceptable():
+    lists = [RankList(np.zeros(2), np.zeros((2, 2)), np.array([0, 1])),
+             RankList(np.zeros(2), np.zeros((2, 2)), np.array([0, 0]))]
+    assert top1_accuracy([np.array([0.1, 0.9]), np.array([1.0, 0.0])], lists) == 1.0
+
+
+def test_rank_orders_and_thresholds():
+    d = rank([0.1, 0.9, 0.5], [0.2, 0.7, 0.4], threshold=0.5)
+    assert d.order == [1, 2, 0] and d.accepted
+    assert not rank([0.1, 0.9], [0.2, 0.3], threshold=0.5).accepted
+
+
+@pytest.mark.parametrize("rid,expected", [
+    ("srrabc-1a2b3c4d", ("srrabc", 0)),
+    ("3_srrabc-1a2b3c4d", ("srrabc", 3)),
+    ("12_srrabc", ("srrabc", 12)),
+])
+def test_request_id_mapping(rid, expected):
+    assert split_request_id(rid) == expected
+
+
+def test_parse_layers():
+    assert parse_layers("15, 4,15") == [4, 15]
