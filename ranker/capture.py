@@ -41,22 +41,23 @@ LAYERS_ENV = "SRR_CAPTURE_LAYERS"
 TAG_KEY = "srr_tag"
 RESPONSE_START_KEY = "srr_response_start"
 
-_op_calls = [0]  # bumped by the op body: proves the op ran inside the compiled graph
 
-
-@torch.library.custom_op("srr::capture", mutates_args=("sink",))
-def capture_op(hidden: torch.Tensor, residual: torch.Tensor | None, sink: torch.Tensor) -> None:
+@torch.library.custom_op("srr::capture", mutates_args=("sink", "calls"))
+def capture_op(hidden: torch.Tensor, residual: torch.Tensor | None, sink: torch.Tensor,
+               calls: torch.Tensor) -> None:
+    # Tensor work only, no host state: under CUDA graph replay the Python body does not run,
+    # but the kernels it launched at capture time (shapes fixed per graph) replay as recorded.
     n = min(hidden.shape[0], sink.shape[0])
     # vLLM defers the residual add to the next layer's norm: the stream is their sum.
     if residual is None:
         sink[:n].copy_(hidden[:n])
     else:
         torch.add(hidden[:n], residual[:n], out=sink[:n])
-    _op_calls[0] += 1
+    calls.add_(1)  # proves the op ran inside the compiled graph (or its replay)
 
 
 @capture_op.register_fake
-def _(hidden, residual, sink) -> None:
+def _(hidden, residual, sink, calls) -> None:
     return None
 
 
@@ -67,13 +68,13 @@ class CaptureLayer(nn.Module):
         super().__init__()
         self.inner = inner
         self.register_buffer("srr_sink", sink, persistent=False)
+        self.register_buffer("srr_calls", torch.zeros(1, dtype=torch.long, device=sink.device),
+                             persistent=False)
 
     def forward(self, *args, **kwargs):
         out = self.inner(*args, **kwargs)
-        if isinstance(out, tuple):
-            torch.ops.srr.capture(out[0], out[1], self.srr_sink)
-        else:
-            torch.ops.srr.capture(out, None, self.srr_sink)
+        hidden, residual = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+        torch.ops.srr.capture(hidden, residual, self.srr_sink, self.srr_calls)
         return out
 
 
@@ -110,12 +111,14 @@ class CaptureState:
         device = runner.device
         rows = runner.scheduler_config.max_num_batched_tokens
         self.sinks = []
+        self.calls = []
         for layer in layers:
             if not 0 <= layer < len(decoder):
                 raise ValueError(f"SRR capture: layer {layer} out of range 0..{len(decoder) - 1}")
             sink = torch.zeros(rows, width, dtype=torch.float32, device=device)
             decoder[layer] = CaptureLayer(decoder[layer], sink)
             self.sinks.append(decoder[layer].srr_sink)
+            self.calls.append(decoder[layer].srr_calls)
         self.device = device
         self.width = width
         self.slot_of: dict[str, int] = {}
@@ -192,7 +195,7 @@ class CaptureState:
         if num_reqs == 0 or positions is None:
             return
         calls_before = getattr(self, "_calls", 0)
-        self._calls = _op_calls[0]
+        self._calls = int(self.calls[0])
         if self._calls == calls_before:
             # The op did not run: a stale compile cache or a path that bypassed it.
             self.steps_without_capture += 1
@@ -272,7 +275,7 @@ class CaptureWorkerExtension:
 
     def srr_info(self) -> dict:
         s = self._srr()
-        return {"layers": s.layers, "width": s.width, "op_calls": _op_calls[0],
+        return {"layers": s.layers, "width": s.width, "op_calls": int(s.calls[0]),
                 "steps_without_capture": s.steps_without_capture,
                 "tokens_seen": s.tokens_seen, "open": len(s.slot_of)}
 

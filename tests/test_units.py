@@ -102,3 +102,37 @@ def test_request_id_mapping(rid, expected):
 
 def test_parse_layers():
     assert parse_layers("15, 4,15") == [4, 15]
+
+
+def test_capture_op_survives_torch_compile():
+    """The op must stay in the compiled graph (declared mutation) and write on every call."""
+    from ranker.capture import CaptureLayer
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x, residual):
+            return self.lin(x), residual
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Layer(), Layer()])
+
+        def forward(self, x):
+            residual = x
+            for layer in self.layers:
+                x, residual = layer(x, residual)
+            return x + residual
+
+    model = Model()
+    model.layers[0] = CaptureLayer(model.layers[0], torch.zeros(8, 4))
+    compiled = torch.compile(model, backend="inductor", dynamic=True)
+    for n in (3, 5):
+        x = torch.randn(n, 4)
+        compiled(x)
+        h, r = model.layers[0].inner(x, x)
+        assert torch.allclose(model.layers[0].srr_sink[:n], h + r, atol=1e-5)
+    assert int(model.layers[0].srr_calls) == 2
