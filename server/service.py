@@ -12,6 +12,7 @@ import numpy as np
 from ranker.scorer import SRRScorer
 from server import metrics
 from server.audit import AuditLog
+from server.batching import BatchScorer
 from server.config import Settings
 from server.engine import CaptureError, Engine, Generation
 from server.schemas import (
@@ -52,6 +53,7 @@ class Service:
         self.settings = settings
         self.engine = engine
         self.scorer = scorer
+        self.batch = BatchScorer(scorer)
         cfg = scorer.config
         self.threshold = settings.threshold if settings.threshold is not None else cfg.threshold
         self.scorer_name = f"{cfg.name}@{cfg.version}"
@@ -105,11 +107,10 @@ class Service:
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
-    def _score(self, generation: Generation) -> tuple[list[float], list[float]]:
+    async def _score(self, features: list) -> tuple[list[float], list[float]]:
         cfg = self.scorer.config
-        pairs = [c.features.select(cfg.layers, cfg.pooling) for c in generation.candidates]
-        instruction = pairs[0][0]
-        return self.scorer.score(instruction, np.stack([p[1] for p in pairs]))
+        pairs = [f.select(cfg.layers, cfg.pooling) for f in features]
+        return await self.batch.score(pairs[0][0], np.stack([p[1] for p in pairs]))
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
         self._check_model(req.model)
@@ -194,7 +195,7 @@ class Service:
         else:
             try:
                 t0 = time.perf_counter()
-                scores, probs = self._score(gen)
+                scores, probs = await self._score([c.features for c in gen.candidates])
                 return Scored(gen, scores, probs, time.perf_counter() - t0)
             except Exception as e:  # noqa: BLE001 - any scorer fault takes the configured path
                 error = e
@@ -227,9 +228,7 @@ class Service:
     async def score(self, req: ScoreRequest) -> ScoreResponse:
         self._check_model(req.model)
         prompt_ids = self._prompt_ids(req.messages)
-        feats = await self.engine.encode(prompt_ids, req.candidates)
-        cfg = self.scorer.config
-        pairs = [f.select(cfg.layers, cfg.pooling) for f in feats]
-        scores, probs = self.scorer.score(pairs[0][0], np.stack([p[1] for p in pairs]))
+        scores, probs = await self._score(await self.engine.encode(prompt_ids, req.candidates))
         return ScoreResponse(model=self.model_name, scores=scores, probabilities=probs,
-                             layer=cfg.layers, scorer=self.scorer_name, threshold=self.threshold)
+                             layer=self.scorer.config.layers, scorer=self.scorer_name,
+                             threshold=self.threshold)

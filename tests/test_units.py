@@ -136,3 +136,23 @@ def test_capture_op_survives_torch_compile():
         h, r = model.layers[0].inner(x, x)
         assert torch.allclose(model.layers[0].srr_sink[:n], h + r, atol=1e-5)
     assert int(model.layers[0].srr_calls) == 2
+
+
+def test_concurrent_score_calls_share_one_forward():
+    import asyncio
+
+    from server.batching import BatchScorer
+
+    torch.manual_seed(0)
+    model = SRRScorer(small_config()).eval()
+    batcher = BatchScorer(model)
+    lists = [(np.random.randn(16).astype(np.float32), np.random.randn(k, 16).astype(np.float32))
+             for k in (2, 5, 3)]
+
+    async def main():
+        return await asyncio.gather(*(batcher.score(i, c) for i, c in lists))
+
+    results = asyncio.run(main())
+    assert batcher.batches == 1
+    for (i, c), (scores, _) in zip(lists, results):
+        assert np.allclose(scores, model.score(i, c)[0], atol=1e-5)

@@ -1,0 +1,54 @@
+"""Scoring batched across concurrent requests.
+
+Candidates of concurrent requests often finish in the same engine step, so their score
+calls arrive in the same event-loop turn. Each call queues its list and the first schedules
+one padded forward for everything queued by then (`call_soon`), instead of one forward each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import torch
+
+from ranker.scorer import SRRScorer
+
+
+class BatchScorer:
+    def __init__(self, scorer: SRRScorer):
+        self.scorer = scorer.eval()
+        self.pending: list[tuple[np.ndarray, np.ndarray, asyncio.Future]] = []
+        self.batches = 0  # forwards run, for tests and metrics
+
+    async def score(self, instruction: np.ndarray, candidates: np.ndarray
+                    ) -> tuple[list[float], list[float]]:
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append((instruction, candidates, fut))
+        if len(self.pending) == 1:
+            asyncio.get_running_loop().call_soon(self._run)
+        return await fut
+
+    @torch.no_grad()
+    def _run(self) -> None:
+        batch, self.pending = self.pending, []
+        try:
+            k = max(len(c) for _, c, _ in batch)
+            d = batch[0][0].shape[-1]
+            instr = torch.from_numpy(np.stack([i for i, _, _ in batch]).astype(np.float32))
+            cands = torch.zeros(len(batch), k, d)
+            mask = torch.zeros(len(batch), k, dtype=torch.bool)
+            for b, (_, c, _) in enumerate(batch):
+                cands[b, : len(c)] = torch.from_numpy(np.asarray(c, dtype=np.float32))
+                mask[b, : len(c)] = True
+            scores = self.scorer(instr, cands, mask)
+            probs = self.scorer.probability(scores)
+            self.batches += 1
+        except Exception as e:  # noqa: BLE001 - every waiter gets the failure
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(e)
+            return
+        for b, (_, c, fut) in enumerate(batch):
+            if not fut.done():
+                fut.set_result((scores[b, : len(c)].tolist(), probs[b, : len(c)].tolist()))
