@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p_train = sub.add_parser("train", help="train the scorer on real labelled data (see ranker/pipeline.py)")
     p_train.add_argument("--out", type=Path, default=Path("weights/smollm2-135m-instruct"))
     p_train.add_argument("--epochs", type=int, default=30)
+    p_data = sub.add_parser("data", help="training and evaluation data")
+    p_data.add_argument("action", choices=["fetch"])
     p_bench = sub.add_parser("bench", help="benchmark against plain vLLM (see server/bench.py)")
     p_bench.add_argument("--k", type=int, default=8)
     p_bench.add_argument("--tokens", type=int, default=64)
@@ -99,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "serve":
         return serve(settings_from_args(args))
+    if args.command == "data":
+        from ranker import data
+
+        print(data.fetch())
+        return 0
     if args.command == "bench":
         from server import bench
 
