@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class TextPart(BaseModel):
@@ -61,6 +61,23 @@ class ChatCompletionRequest(BaseModel):
     ignore_eos: bool = False
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     srr: SRRRequest | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        """Fail loudly on features this server would otherwise silently ignore."""
+        extra = self.model_extra or {}
+        fmt = extra.get("response_format")
+        bad = [name for name, on in (
+            ("logprobs", bool(extra.get("logprobs"))),
+            ("top_logprobs", bool(extra.get("top_logprobs"))),
+            ("tools", bool(extra.get("tools"))),
+            ("functions", bool(extra.get("functions"))),
+            ("logit_bias", bool(extra.get("logit_bias"))),
+            ("response_format", isinstance(fmt, dict) and fmt.get("type") not in (None, "text")),
+        ) if on]
+        if bad:
+            raise ValueError(f"not supported by this server: {', '.join(bad)}")
+        return self
 
     @field_validator("stop")
     @classmethod

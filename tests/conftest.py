@@ -105,10 +105,15 @@ class ServerProcess:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(model_dir):
+    """One server for the API and robustness tests: small limits keep fuzzing and load cheap."""
     (REPO / ".pytest_cache").mkdir(exist_ok=True)
-    srv = ServerProcess()
+    audit = REPO / ".pytest_cache" / "audit.jsonl"
+    audit.unlink(missing_ok=True)
+    srv = ServerProcess({"SRR_AUDIT_LOG": str(audit)},
+                        ["--max-tokens", "64", "--max-candidates", "8"])
+    srv.audit = audit
     try:
         srv.wait_healthy()
         yield srv
@@ -116,7 +121,7 @@ def server(model_dir):
         srv.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def client(server):
     from openai import OpenAI
 
