@@ -110,7 +110,8 @@ class Engine:
 
     def shutdown(self) -> None:
         if self.llm is not None:
-            self.llm.shutdown()
+            llm, self.llm = self.llm, None
+            llm.shutdown()
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         ids = self.tokenizer.apply_chat_template(
