@@ -104,7 +104,7 @@ class Service:
         opt.setdefault("temperature", 1.0)
         try:
             return SamplingParams(n=k, max_tokens=max_tokens, ignore_eos=req.ignore_eos, **opt)
-        except ValueError as e:
+        except Exception as e:  # noqa: BLE001 - vLLM's validation errors are client errors
             raise APIError(400, str(e)) from None
 
     async def _score(self, features: list) -> tuple[list[float], list[float]]:
@@ -125,8 +125,8 @@ class Service:
         if req.n > k:
             raise APIError(400, f"n ({req.n}) must not exceed the candidates sampled ({k})", param="n")
         prompt_ids = self._prompt_ids(req.messages)
-        if mode == "off":
-            k = req.n
+        if mode == "off" or req.temperature == 0:
+            k = req.n  # greedy decoding would return K identical candidates
         params = self._sampling(req, k, len(prompt_ids))
         t_start = time.perf_counter()
 

@@ -220,7 +220,8 @@ def test_graceful_shutdown_then_engine_death_exits_nonzero(model_dir):
 
         r = asyncio.run(inflight())
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
-        assert srv.proc.wait(120) == 0
+        # uvicorn re-raises the SIGTERM it handled once shutdown is complete.
+        assert srv.proc.wait(120) in (0, -signal.SIGTERM)
     finally:
         srv.stop()
 
