@@ -120,13 +120,13 @@ def test_unknown_routes_and_methods(server):
     assert r.status_code == 405 and "error" in r.json()
 
 
-def test_schemathesis_finds_no_server_error(server):
+def test_schemathesis_finds_no_server_error(server, tmp_path):
     """Property-based fuzzing of the server's own OpenAPI schema: no 5xx for any input."""
     st = os.path.join(os.path.dirname(sys.executable), "st")
     proc = subprocess.run(
         [st, "run", server.base + "/openapi.json", "--checks", "not_a_server_error",
          "--max-examples", "25", "--request-timeout", "120", "--phases", "examples,fuzzing"],
-        capture_output=True, text=True, timeout=1500)
+        capture_output=True, text=True, timeout=1500, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert_healthy(server)
 
