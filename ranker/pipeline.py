@@ -165,12 +165,16 @@ def sha_of(records) -> str:
     return h.hexdigest()[:16]
 
 
-async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
-    from server import default_model
-    from server.engine import Engine
+@dataclass
+class Dataset:
+    parts: dict[str, list[Item]]  # train / val / test / xstest
+    store: FeatureStore
+    records: list[data.LabelledResponse]
+    splits: tuple[list, list, list]
 
-    t0 = time.time()
-    random.seed(SEED)
+
+async def dataset(engine) -> Dataset:
+    """Items of every split and their features (answers and features cached on disk)."""
     eval_prompts = evaluation_prompts()
     records = data.remove_overlap(training_records(), eval_prompts)
     benign_prompts = [p.text for p in data.load_writingbench()] + [
@@ -178,23 +182,40 @@ async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
     benign_prompts = [p.prompt for p in data.remove_overlap(
         [data.LabelledResponse("b", p, "-", None, None, False, None) for p in benign_prompts],
         eval_prompts)]
-    model_dir = default_model.prepare()
-    engine = Engine(model_dir, ABLATION_LAYERS, cache_dir=cache_dir, max_model_len=4096)
+    cache_dir = engine.cache_dir
+    records += await answer_benign(engine, benign_prompts, cache_dir / "train" / "benign_answers.json")
+    splits = data.split_by_prompt(records, seed=SEED, fractions=(0.7, 0.15, 0.15))
+    parts = {name: build_items(part, SEED + i) for i, (name, part) in
+             enumerate(zip(("train", "val", "test"), splits))}
+    parts["xstest"] = [Item(r.prompt, r.response, acceptable(r), r.prompt_harmful, r.writer or "")
+                       for r in data.load_xstest_completions() if acceptable(r) is not None]
+    layers = "-".join(map(str, ABLATION_LAYERS))
+    store = FeatureStore(cache_dir / "features" / f"{engine.model_dir.name}-L{layers}.npz")
+    await encode_pairs(engine, [(it.prompt, it.response) for p in parts.values() for it in p], store)
+    return Dataset(parts, store, records, tuple(splits))
+
+
+async def start_engine(cache_dir: Path):
+    from server import default_model
+    from server.engine import Engine
+
+    engine = Engine(default_model.prepare(), ABLATION_LAYERS, cache_dir=cache_dir, max_model_len=4096)
     await engine.start()
+    return engine
+
+
+async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
+    from server import default_model
+
+    t0 = time.time()
+    random.seed(SEED)
+    engine = await start_engine(cache_dir)
     try:
-        own = await answer_benign(engine, benign_prompts, cache_dir / "train" / "benign_answers.json")
-        records += own
-        train_r, val_r, test_r = data.split_by_prompt(records, seed=SEED, fractions=(0.7, 0.15, 0.15))
-        xstest = data.load_xstest_completions()
-        parts = {"train": build_items(train_r, SEED), "val": build_items(val_r, SEED + 1),
-                 "test": build_items(test_r, SEED + 2)}
-        parts["xstest"] = [Item(r.prompt, r.response, acceptable(r), r.prompt_harmful, r.writer or "")
-                           for r in xstest if acceptable(r) is not None]
-        store = FeatureStore(cache_dir / "features" / f"{model_dir.name}-L{'-'.join(map(str, ABLATION_LAYERS))}.npz")
-        pairs = [(it.prompt, it.response) for p in parts.values() for it in p]
-        await encode_pairs(engine, pairs, store)
+        ds = await dataset(engine)
     finally:
         engine.shutdown()
+    parts, store, records = ds.parts, ds.store, ds.records
+    train_r, val_r, test_r = ds.splits
 
     report: dict = {"sweep": {}, "counts": {k: len(v) for k, v in parts.items()}}
     base = dict(base_model=default_model.MODEL_NAME, hidden_size=576,
