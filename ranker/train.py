@@ -62,12 +62,12 @@ def feature_stats(lists: list[RankList]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train(config: ScorerConfig, train_lists: list[RankList], *, epochs: int = 30,
           batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-4,
-          seed: int = 0, progress: bool = True) -> SRRScorer:
+          seed: int = 0, progress: bool = True, model_cls: type = SRRScorer) -> SRRScorer:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     lists = trainable(train_lists)
-    model = SRRScorer(config)
+    model = model_cls(config)
     model.feat_mean, model.feat_std = feature_stats(lists)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     order = list(range(len(lists)))

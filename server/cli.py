@@ -87,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     p_train = sub.add_parser("train", help="train the scorer on real labelled data (see ranker/pipeline.py)")
     p_train.add_argument("--out", type=Path, default=Path("weights/smollm2-135m-instruct"))
     p_train.add_argument("--epochs", type=int, default=30)
+    p_eval = sub.add_parser("eval", help="evaluate the scorer and the server (see ranker/evaluate.py)")
+    p_eval.add_argument("--scorer-dir", type=Path, default=Path("weights/smollm2-135m-instruct"))
+    p_eval.add_argument("--out", type=Path, default=Path("reports/eval"))
+    p_eval.add_argument("--advbench", type=int, default=100, help="AdvBench prompts (of 520)")
+    p_eval.add_argument("--xstest", type=int, default=250, help="XSTest safe prompts (of 250)")
+    p_eval.add_argument("--max-tokens", type=int, default=64)
+    p_eval.add_argument("--epochs", type=int, default=30)
     p_data = sub.add_parser("data", help="training and evaluation data")
     p_data.add_argument("action", choices=["fetch"])
     p_bench = sub.add_parser("bench", help="benchmark against plain vLLM (see server/bench.py)")
@@ -101,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "serve":
         return serve(settings_from_args(args))
+    if args.command == "eval":
+        import asyncio
+
+        from ranker import evaluate
+
+        report = asyncio.run(evaluate.run(args.scorer_dir, args.out, Settings().cache_dir,
+                                          args.advbench, args.xstest, args.max_tokens, args.epochs))
+        print((args.out / "report.md").read_text())
+        return 0 if report else 1
     if args.command == "data":
         from ranker import data
 
