@@ -105,6 +105,10 @@ class SRRInfo(BaseModel):
     fallback: str | None = None
     mode: str = "select"
     candidate_texts: list[str] | None = None
+    candidate_finish_reasons: list[str | None] | None = Field(
+        None, description="With return_candidates: 'length' marks a candidate cut by max_tokens.")
+    candidate_tokens: list[int] | None = Field(
+        None, description="With return_candidates: tokens generated per candidate.")
 
 
 class ChatMessageOut(BaseModel):

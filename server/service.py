@@ -158,9 +158,11 @@ class Service:
             candidates=len(gen.candidates), selected=selected, scores=scored.scores,
             probabilities=scored.probabilities, layer=self.scorer.config.layers,
             scorer=self.scorer_name, threshold=self.threshold, fallback=fallback, mode=mode,
-            candidate_texts=[c.text for c in gen.candidates]
-            if opts and opts.return_candidates else None,
         )
+        if opts and opts.return_candidates:
+            info.candidate_texts = [c.text for c in gen.candidates]
+            info.candidate_finish_reasons = [c.finish_reason for c in gen.candidates]
+            info.candidate_tokens = [len(c.token_ids) for c in gen.candidates]
         if scored.scores:
             metrics.SCORING_SECONDS.observe(scored.seconds)
             metrics.SELECTED_SCORE.observe(max(scored.probabilities))

@@ -66,20 +66,40 @@ def test_streaming_returns_the_selected_text(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
 
 
-def test_score_endpoint_agrees_with_chat(client, server):
-    r = client.chat.completions.create(
-        model=MODEL, messages=ASK, max_tokens=48,
-        extra_body={"srr": {"candidates": 4, "return_candidates": True}})
-    srr = r.model_dump()["srr"]
+def test_score_endpoint_agrees_with_chat(client, server, model_dir):
+    """Same texts through the encode path give the chat path's scores.
+
+    "Same text" must mean same tokens. Two cases differ, and the test avoids them:
+    - a candidate cut by max_tokens: its last sampled token is never fed through the model,
+      so its features have one token fewer than its text;
+    - a sampled token sequence that is not the text's canonical tokenization: re-encoding the
+      text gives other tokens.
+    The scorer attends across the list, so one such candidate moves every score. Seeds are
+    tried until every candidate ends on EOS and re-tokenizes to its own length.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ask = [{"role": "user", "content": "Answer with one word: what colour is the sky?"}]
+    for seed in range(10):
+        r = client.chat.completions.create(
+            model=MODEL, messages=ask, max_tokens=48, seed=seed,
+            extra_body={"srr": {"candidates": 4, "return_candidates": True}})
+        srr = r.model_dump()["srr"]
+        if srr["candidate_finish_reasons"] == ["stop"] * 4 and all(
+                len(tok.encode(t, add_special_tokens=False)) == n - 1
+                for t, n in zip(srr["candidate_texts"], srr["candidate_tokens"])):
+            break
+    else:
+        pytest.fail("no seed gave four EOS-terminated, canonically tokenized candidates")
     resp = httpx.post(server.base + "/v1/srr/score", timeout=120, json={
-        "model": MODEL, "messages": ASK, "candidates": srr["candidate_texts"]})
+        "model": MODEL, "messages": ask, "candidates": srr["candidate_texts"]})
     assert resp.status_code == 200
     scored = resp.json()
     assert scored["layer"] == srr["layer"] and scored["scorer"] == srr["scorer"]
-    # Same texts, same features: equal up to bf16 noise and the unfed last token of
-    # candidates cut by max_tokens (the encode path reads every token of the text).
-    np.testing.assert_allclose(scored["probabilities"], srr["probabilities"], atol=0.1)
-    assert int(np.argmax(scored["scores"])) in np.argsort(srr["scores"])[-2:]
+    np.testing.assert_allclose(scored["scores"], srr["scores"], rtol=0.01, atol=0.02)
+    np.testing.assert_allclose(scored["probabilities"], srr["probabilities"], atol=0.01)
+    assert int(np.argmax(scored["scores"])) == int(np.argmax(srr["scores"]))
 
 
 def test_metrics_move(client, server):
