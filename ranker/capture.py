@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 LAYERS_ENV = "SRR_CAPTURE_LAYERS"
 TAG_KEY = "srr_tag"
 RESPONSE_START_KEY = "srr_response_start"
+ORPHAN_SECONDS = 300.0
 
 
 @torch.library.custom_op("srr::capture", mutates_args=("sink", "calls"))
@@ -124,9 +126,10 @@ class CaptureState:
         self.slot_of: dict[str, int] = {}
         self.meta: dict[int, tuple[str, str, int]] = {}  # slot -> (rid, tag, index)
         self.done: set[str] = set()  # fetched or released ids whose late rows are ignored
+        self.orphan_since: dict[str, float] = {}
         self.steps_without_capture = 0
         self.tokens_seen = 0
-        self._alloc(64)
+        self._alloc(max(64, runner.scheduler_config.max_num_seqs))
         logger.info("SRR capture installed on layers %s (width %d)", layers, width)
 
     def _alloc(self, n: int) -> None:
@@ -179,11 +182,19 @@ class CaptureState:
         return slot
 
     def _reclaim(self) -> None:
-        """Free slots of requests the runner no longer holds and nobody fetched (leaks)."""
+        """Free slots of requests the runner dropped long ago and nobody fetched (leaks).
+
+        A finished request leaves the runner a step before the frontend fetches it, so only
+        states unclaimed for ORPHAN_SECONDS count as leaked.
+        """
+        now = time.monotonic()
         for rid in [r for r in self.slot_of if r not in self.runner.requests]:
-            self._drop(rid)
+            since = self.orphan_since.setdefault(rid, now)
+            if now - since > ORPHAN_SECONDS:
+                self._drop(rid)
 
     def _drop(self, rid: str) -> None:
+        self.orphan_since.pop(rid, None)
         slot = self.slot_of.pop(rid)
         del self.meta[slot]
         self.free.append(slot)

@@ -152,7 +152,7 @@ def main(args) -> int:
     results = {
         "plain": measure("plain", [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                                    "--model", str(model_dir), "--port", str(port),
-                                   "--max-model-len", "4096"],
+                                   "--max-model-len", "4096", "--served-model-name", model],
                          port, plain_env, model, args),
         "srr": measure("srr", [sys.executable, "-m", "server.cli", "serve", "--port",
                                str(port + 1), "--max-candidates", str(max(16, args.k))],
