@@ -41,11 +41,15 @@ def reference(model, ids: list[int], prompt_len: int, layer: int):
     return instr, hs[prompt_len:].mean(0), hs[-1]
 
 
+ERRORS: dict[tuple[str, str], list[float]] = {}  # (vector, HF dtype) -> relative errors
+
+
 def check(features, hf, prompt_ids, fed_ids, layer, li=0):
     for dtype, tol in ((torch.float32, TOL_F32), (torch.bfloat16, TOL_BF16)):
         ref = reference(hf[dtype], prompt_ids + fed_ids, len(prompt_ids), layer)
         got = (features.instruction[li], features.mean[li], features.last[li])
         for name, g, r in zip(("instruction", "mean", "last"), got, ref):
+            ERRORS.setdefault((name, str(dtype).split(".")[-1]), []).append(rel(g, r))
             assert rel(g, r) < tol, f"{name} vs HF {dtype}: {rel(g, r):.4f}"
 
 
@@ -145,3 +149,11 @@ def test_forwards_equal_plain_generation(engine):
     c = gen.candidates[0]
     assert len(c.token_ids) == 12
     assert gen.rows[0] == len(ids) + 11
+
+
+def test_parity_summary():
+    """Prints the parity figures (run with -s); every one was already held to its tolerance."""
+    assert ERRORS, "no parity check ran"
+    for (name, dtype), errs in sorted(ERRORS.items()):
+        print(f"\nparity {name:11} vs HF {dtype:8}: n={len(errs):3} median {np.median(errs):.4f} "
+              f"max {max(errs):.4f}", end="")
