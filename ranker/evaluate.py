@@ -91,11 +91,11 @@ async def pools(engine, prompts: list[str], k: int, max_tokens: int, cache: Path
 
     store: dict = {}
     if cache.exists():
-        with np.load(cache, allow_pickle=False) as z:
+        with np.load(cache, allow_pickle=False) as z:  # each z[...] reads the whole array
             meta = json.loads(str(z["meta"]))
-            for i, (p, texts) in enumerate(meta.items()):
-                store[p] = [(t, z["instr"][i, j], z["mean"][i, j], z["last"][i, j])
-                            for j, t in enumerate(texts)]
+            instr, mean, last = z["instr"], z["mean"], z["last"]
+        for i, (p, texts) in enumerate(meta.items()):
+            store[p] = [(t, instr[i, j], mean[i, j], last[i, j]) for j, t in enumerate(texts)]
     todo = [p for p in dict.fromkeys(prompts) if p not in store]
     sem = asyncio.Semaphore(8)
 

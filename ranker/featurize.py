@@ -34,9 +34,10 @@ class FeatureStore:
         self.path = path
         self.items: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = {}
         if path.exists():
-            with np.load(path) as z:
-                for i, k in enumerate(z["keys"]):
-                    self.items[str(k)] = (z["instr"][i], z["mean"][i], z["last"][i], int(z["rows"][i]))
+            with np.load(path) as z:  # each z[...] reads the whole array: read each once
+                keys, instr, mean, last, rows = (z[n] for n in ("keys", "instr", "mean", "last", "rows"))
+            for i, k in enumerate(keys):
+                self.items[str(k)] = (instr[i], mean[i], last[i], int(rows[i]))
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
