@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--epochs", type=int, default=30)
     p_eval = sub.add_parser("eval", help="evaluate the scorer and the server (see ranker/evaluate.py)")
     p_eval.add_argument("--scorer-dir", type=Path, default=Path("weights/smollm2-135m-instruct"))
-    p_eval.add_argument("--out", type=Path, default=Path("reports/eval"))
+    p_eval.add_argument("--out", type=Path, default=Path("weights/smollm2-135m-instruct/eval"))
     p_eval.add_argument("--advbench", type=int, default=100, help="AdvBench prompts (of 520)")
     p_eval.add_argument("--xstest", type=int, default=250, help="XSTest safe prompts (of 250)")
     p_eval.add_argument("--max-tokens", type=int, default=64)
