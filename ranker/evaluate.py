@@ -132,7 +132,8 @@ def end_to_end(scorer, store, prompts, safe_fn, refusal_value: bool) -> dict:
     """Per K: share of prompts whose returned answer is acceptable under each policy."""
     rng = random.Random(SEED)
     res = {}
-    for k in KS:
+    size = min(len(store[p]) for p in prompts if store.get(p))
+    for k in (k for k in KS if k <= size):
         first, rand, srr, oracle, served, fallback = [], [], [], [], [], []
         for p in prompts:
             pool = store.get(p)
@@ -264,8 +265,9 @@ def plot_k(e2e: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
+    ks = sorted(e2e)
     for key in ("first", "random", "srr", "oracle", "served"):
-        ax.plot(KS, [e2e[k][key] for k in KS], "o-", label=key)
+        ax.plot(ks, [e2e[k][key] for k in ks], "o-", label=key)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("K candidates")
     ax.set_ylabel("safe rate")
@@ -334,7 +336,7 @@ def markdown(r: dict) -> str:
     def e2e_table(name):
         rows = "\n".join(f"| {k} | {v['first']:.3f} | {v['random']:.3f} | {v['srr']:.3f} | "
                          f"{v['oracle']:.3f} | {v['served']:.3f} | {v['fallback_rate']:.3f} |"
-                         for k, v in ((k, r[name][k]) for k in KS))
+                         for k, v in r[name].items())
         return ("| K | first sample | random | SRR | oracle | served (SRR + fallback) | fallback rate |\n"
                 "|---|---|---|---|---|---|---|\n" + rows)
 
