@@ -31,7 +31,7 @@ import torch
 
 from ranker import data, judges
 from ranker.featurize import ABLATION_LAYERS, FeatureStore, encode_pairs, pair_key
-from ranker.scorer import ScorerConfig, SRRScorer
+from ranker.scorer import ScorerConfig
 from ranker.train import (
     RankList, expected_calibration_error, fit_calibration, ndcg, predict, top1_accuracy,
     train, trainable,

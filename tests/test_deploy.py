@@ -14,7 +14,6 @@ import json
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
