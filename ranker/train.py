@@ -62,14 +62,20 @@ def feature_stats(lists: list[RankList]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train(config: ScorerConfig, train_lists: list[RankList], *, epochs: int = 30,
           batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-4,
-          seed: int = 0, progress: bool = True, model_cls: type = SRRScorer) -> SRRScorer:
+          seed: int = 0, progress: bool = True, model_cls: type = SRRScorer,
+          pointwise: float = 0.0) -> SRRScorer:
+    """Listwise KL; `pointwise` > 0 adds that weight of a per-candidate logistic loss on
+    a * score + b (a, b learned alongside). The listwise loss alone is blind to a shift of a
+    whole list's scores, yet the fallback threshold compares scores across prompts: the
+    pointwise term ties the score's absolute level to "acceptable" for every prompt."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     lists = trainable(train_lists)
     model = model_cls(config)
     model.feat_mean, model.feat_std = feature_stats(lists)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    ab = torch.nn.Parameter(torch.tensor([1.0, 0.0]))
+    opt = torch.optim.AdamW([*model.parameters(), ab], lr=lr, weight_decay=weight_decay)
     order = list(range(len(lists)))
     bar = tqdm(range(epochs), desc="train", disable=not progress)
     for _ in bar:
@@ -78,7 +84,11 @@ def train(config: ScorerConfig, train_lists: list[RankList], *, epochs: int = 30
         total = 0.0
         for start in range(0, len(order), batch_size):
             instr, cands, labels, mask = batch_tensors([lists[i] for i in order[start:start + batch_size]])
-            loss = listwise_loss(model(instr, cands, mask), labels, mask)
+            scores = model(instr, cands, mask)
+            loss = listwise_loss(scores, labels, mask)
+            if pointwise:
+                logits = ab[0] * scores[mask] + ab[1]
+                loss = loss + pointwise * F.binary_cross_entropy_with_logits(logits, labels[mask])
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
@@ -117,9 +127,12 @@ def fit_calibration(scores: list[np.ndarray], lists: list[RankList]) -> tuple[fl
     return float(ab[0]), float(ab[1])
 
 
-def top1_accuracy(scores: list[np.ndarray], lists: list[RankList]) -> float:
-    """Share of lists (with at least one acceptable candidate) whose top pick is acceptable."""
-    hits = [x.labels[int(np.argmax(s))] for s, x in zip(scores, lists) if x.labels.sum() > 0]
+def top1_accuracy(scores: list[np.ndarray], lists: list[RankList], contrast: bool = True) -> float:
+    """Share of lists whose top pick is acceptable, over lists holding both labels (a list of
+    acceptable answers only is right whatever the ranking). contrast=False: the paper's
+    definition, every list with at least one acceptable candidate."""
+    hits = [x.labels[int(np.argmax(s))] for s, x in zip(scores, lists)
+            if x.labels.sum() > 0 and (not contrast or x.labels.sum() < len(x.labels))]
     return float(np.mean(hits)) if hits else float("nan")
 
 

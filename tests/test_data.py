@@ -282,3 +282,21 @@ def test_remove_overlap_is_not_fooled_by_contrast_pairs(cache: Path) -> None:
     exact = {data.normalize(a.text) for a in data.load_advbench(cache)}
     left = sum(data.normalize(r.goal or "") in exact for r in kept)
     assert left == 0
+
+
+@needs_shared
+def test_training_pool_prompts_exclude_evaluation(cache: Path) -> None:
+    """What the serving model is sampled on for training never reaches an evaluation set,
+    and wrapped evaluation prompts use only the held-out half of the jailbreak templates."""
+    from ranker import pipeline
+
+    ev = pipeline.evaluation_prompts()
+    harmful, benign = pipeline.harmful_prompts(ev), pipeline.benign_prompts(ev)
+    assert len(harmful) >= 400 and len(benign) >= 600
+    assert data.remove_overlap(harmful + benign, ev) == harmful + benign
+    train_t, eval_t = pipeline.template_split()
+    assert train_t and eval_t and not set(train_t) & set(eval_t)
+    adv, wrapped = pipeline.advbench_sets(20)
+    for p, w in zip(adv, wrapped):
+        assert sum(w == data.wrap(t, p) for t in eval_t) >= 1
+        assert not any(w == data.wrap(t, p) for t in train_t)

@@ -79,10 +79,38 @@ def test_listwise_loss_prefers_safe_on_top():
     assert good < bad
 
 
-def test_top1_accuracy_skips_lists_without_acceptable():
+def test_top1_accuracy_counts_only_lists_that_can_be_wrong():
     lists = [RankList(np.zeros(2), np.zeros((2, 2)), np.array([0, 1])),
-             RankList(np.zeros(2), np.zeros((2, 2)), np.array([0, 0]))]
-    assert top1_accuracy([np.array([0.1, 0.9]), np.array([1.0, 0.0])], lists) == 1.0
+             RankList(np.zeros(2), np.zeros((2, 2)), np.array([0, 0])),
+             RankList(np.zeros(2), np.zeros((2, 2)), np.array([1, 1])),
+             RankList(np.zeros(2), np.zeros((2, 2)), np.array([1, 0]))]
+    scores = [np.array([0.1, 0.9]), np.array([1.0, 0.0]), np.array([1.0, 0.0]), np.array([0.0, 1.0])]
+    assert top1_accuracy(scores, lists) == 0.5  # lists 1 and 4
+    assert top1_accuracy(scores, lists, contrast=False) == 2 / 3  # the paper's: 1, 3 and 4
+
+
+def test_pool_decisions_threshold_and_served_rates():
+    """The threshold keeps benign fallback at 2%; a fallback counts as acceptable on a
+    harmful prompt and as unacceptable on a benign one."""
+    from ranker.pipeline import pool_decisions
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = SRRScorer(ScorerConfig(base_model="m", layers=[4], pooling="mean", hidden_size=16,
+                                   d_model=8, n_heads=2)).eval()
+
+    def pool(prompt):
+        return [(f"{prompt}/{j}", rng.normal(size=(7, 16)), rng.normal(size=(7, 16)),
+                 rng.normal(size=(7, 16))) for j in range(8)]
+
+    pools = {"benign": {f"b{i}": pool(f"b{i}") for i in range(100)},
+             "harmful": {f"h{i}": pool(f"h{i}") for i in range(50)}}
+    label = {(p, c[0]): int(kind == "benign") for kind, s in pools.items() for p, cs in s.items()
+             for c in cs}
+    d = pool_decisions(model, pools, label)
+    assert d["fallback_benign"] <= 0.02 and d["n_benign"] == 100
+    assert d["served_benign"] == 1 - d["fallback_benign"]
+    assert d["served_harmful"] == d["fallback_harmful"]  # every harmful candidate is unacceptable
 
 
 def test_rank_orders_and_thresholds():
