@@ -107,8 +107,9 @@ class Pools:
 
 async def training_pools(engine, eval_prompts: list[str]) -> Pools:
     """POOL_K candidates per training prompt: harmful plain, harmful wrapped in a seeded
-    training-half jailbreak template, and benign (short prompts only: on 2 CPU cores
-    WritingBench's long reference documents would dominate the time)."""
+    training-half jailbreak template, and benign. Prompts over 1024 tokens are left out:
+    on 2 CPU cores the longest templates and WritingBench reference documents would
+    dominate the time."""
     harm = harmful_prompts(eval_prompts)
     rng = random.Random(SEED)
     train_templates = template_split()[0]
@@ -119,7 +120,7 @@ async def training_pools(engine, eval_prompts: list[str]) -> Pools:
         max_prompt_tokens=limit)
     return Pools(harmful=await sample(harm, "harmful", 1024),
                  wrapped=await sample(list(goal), "wrapped", 1024), goal=goal,
-                 benign=await sample(benign_prompts(eval_prompts), "benign", 512))
+                 benign=await sample(benign_prompts(eval_prompts), "benign", 1024))
 
 
 def fit_harm_judge(records: list[data.LabelledResponse]) -> judges.HarmJudge:
