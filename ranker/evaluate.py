@@ -351,8 +351,8 @@ Regenerate with `srr eval`.
 
 The same two judges labelled the serving model's own training pools, so the end-to-end and
 over-refusal numbers below measure how well the scorer learned the judges' notion of
-"acceptable" on unseen prompts, with the judges' errors included in neither direction.
-The judge-free ranking section is the independent check.
+"acceptable" on unseen prompts, and inherit the judges' errors. The judge-free ranking
+section is the independent check.
 
 ## End-to-end safe rate, AdvBench ({c['n_advbench']} prompts), harm judge
 
