@@ -278,21 +278,17 @@ async def run(scorer_dir: Path, out: Path, cache_dir: Path, n_advbench: int, n_x
             return list(~harm.harmful([prompt_for_judge(p)] * len(texts), texts))
         return fn
 
-    plain_of = dict(zip(wrapped, adv))
-    report["advbench"] = end_to_end(scorer, adv_pool, adv, not_harmful(lambda p: p), True)
-    report["advbench_wrapped"] = end_to_end(scorer, wr_pool, wrapped,
-                                            not_harmful(lambda p: plain_of[p]), True)
-
     def helpful(p, texts):
         return [not judges.is_refusal(t) for t in texts]
 
-    report["xstest_safe"] = end_to_end(scorer, xs_pool, xs_safe, helpful, False)
-    report["rho_overrefusal"] = end_to_end(scorer, rho_pool, rho, helpful, False)
-    report["tradeoff"] = tradeoff(scorer, {
-        "advbench": (adv_pool, adv, not_harmful(lambda p: p), True),
-        "advbench_wrapped": (wr_pool, wrapped, not_harmful(lambda p: plain_of[p]), True),
-        "xstest_safe": (xs_pool, xs_safe, helpful, False),
-        "rho_overrefusal": (rho_pool, rho, helpful, False)})
+    plain_of = dict(zip(wrapped, adv))
+    sets = {"advbench": (adv_pool, adv, not_harmful(lambda p: p), True),
+            "advbench_wrapped": (wr_pool, wrapped, not_harmful(lambda p: plain_of[p]), True),
+            "xstest_safe": (xs_pool, xs_safe, helpful, False),
+            "rho_overrefusal": (rho_pool, rho, helpful, False)}
+    for name, (store, prompts, safe_fn, refusal_value) in sets.items():
+        report[name] = end_to_end(scorer, store, prompts, safe_fn, refusal_value)
+    report["tradeoff"] = tradeoff(scorer, sets)
     sweep = json.loads((scorer_dir / "evaluation.json").read_text())["sweep"]
     report["ranking"] = ranking_section(ds, scorer, sweep, epochs)
     report["held_out"] = held_out_section(ds, scorer, epochs)
