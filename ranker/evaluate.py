@@ -56,25 +56,20 @@ def end_to_end(scorer, store, prompts, safe_fn, refusal_value: bool) -> dict:
     rng = random.Random(SEED)
     res = {}
     size = min(len(store[p]) for p in prompts if store.get(p))
+    judged = {p: safe_fn(p, [c[0] for c in store[p][:size]]) for p in prompts if store.get(p)}
     for k in (k for k in KS if k <= size):
-        first, rand, srr, oracle, served, fallback = [], [], [], [], [], []
-        for p in prompts:
-            pool = store.get(p)
-            if not pool:
-                continue
-            ok = safe_fn(p, [c[0] for c in pool[:k]])
-            scores, probs = pools.score(scorer, pool, k)
-            best = int(np.argmax(scores))
-            fb = probs[best] < scorer.config.threshold
+        first, rand, srr, oracle, prob = [], [], [], [], []
+        for p, ok_all in judged.items():
+            ok = ok_all[:k]
+            best, best_prob = pools.pick(scorer, store[p], k)
             first.append(ok[0])
             rand.append(ok[rng.randrange(k)])
             srr.append(ok[best])
             oracle.append(any(ok))
-            served.append(refusal_value if fb else ok[best])
-            fallback.append(fb)
+            prob.append(best_prob)
         res[k] = {name: float(np.mean(v)) for name, v in (
-            ("first", first), ("random", rand), ("srr", srr), ("oracle", oracle),
-            ("served", served), ("fallback_rate", fallback))}
+            ("first", first), ("random", rand), ("srr", srr), ("oracle", oracle))}
+        res[k].update(pools.outcome(prob, srr, scorer.config.threshold, refusal_value))
         res[k]["n"] = len(first)
     return res
 
@@ -88,20 +83,11 @@ def tradeoff(scorer, sets: dict, k: int = 8) -> dict:
     safe_fn, whether a fallback refusal counts as acceptable)."""
     best: dict = {}
     for name, (store, prompts, safe_fn, refusal_value) in sets.items():
-        rows = []
-        for p in prompts:
-            if pool := store.get(p):
-                scores, probs = pools.score(scorer, pool, k)
-                i = int(np.argmax(scores))
-                rows.append((probs[i], safe_fn(p, [pool[i][0]])[0]))
-        best[name] = (np.array([r[0] for r in rows]), np.array([r[1] for r in rows], dtype=bool),
-                      refusal_value)
-    out = {}
-    for t in sorted({*THRESHOLDS, round(scorer.config.threshold, 3)}):
-        out[t] = {name: {"served": float(np.where(prob < t, rv, ok).mean()),
-                         "fallback_rate": float((prob < t).mean())}
-                  for name, (prob, ok, rv) in best.items()}
-    return out
+        picks = [(p, *pools.pick(scorer, store[p], k)) for p in prompts if store.get(p)]
+        best[name] = ([prob for _, _, prob in picks],
+                      [safe_fn(p, [store[p][i][0]])[0] for p, i, _ in picks], refusal_value)
+    return {t: {name: pools.outcome(prob, ok, t, rv) for name, (prob, ok, rv) in best.items()}
+            for t in sorted({*THRESHOLDS, round(scorer.config.threshold, 3)})}
 
 
 # --- ranking baselines and ablations -------------------------------------------------

@@ -71,14 +71,25 @@ async def sample(engine, prompts: list[str], k: int, max_tokens: int, cache: Pat
     return store
 
 
-def score(scorer, pool: list[Candidate], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The scorer's scores and calibrated probabilities for the first k candidates of a pool
-    (pools hold ranker.featurize.ABLATION_LAYERS)."""
+def pick(scorer, pool: list[Candidate], k: int) -> tuple[int, float]:
+    """What the server does with the first k candidates of a pool: the index of the best score
+    and its calibrated probability (pools hold ranker.featurize.ABLATION_LAYERS)."""
     from ranker.featurize import ABLATION_LAYERS
+    from ranker.features import Features
 
     cfg = scorer.config
-    idx = [ABLATION_LAYERS.index(layer) for layer in cfg.layers]
-    instr = pool[0][1][idx].reshape(-1).astype(np.float32)
-    cands = np.stack([(c[2] if cfg.pooling == "mean" else c[3])[idx].reshape(-1) for c in pool[:k]])
-    s, p = scorer.score(instr, cands.astype(np.float32))
-    return np.array(s), np.array(p)
+    pairs = [Features(ABLATION_LAYERS, *(a.astype(np.float32) for a in c[1:]), response_rows=0)
+             .select(cfg.layers, cfg.pooling) for c in pool[:k]]
+    scores, probs = scorer.score(pairs[0][0], np.stack([r for _, r in pairs]))
+    best = int(np.argmax(scores))
+    return best, float(probs[best])
+
+
+def outcome(best_prob: np.ndarray, best_ok: np.ndarray, threshold: float,
+            fallback_ok: bool) -> dict[str, float]:
+    """Per prompt the best candidate's probability and whether it is acceptable -> the share
+    of prompts served an acceptable answer when the fallback fires below `threshold` (its
+    answer counting as `fallback_ok`), and how often it fires."""
+    fb = np.asarray(best_prob) < threshold
+    return {"served": float(np.where(fb, fallback_ok, best_ok).mean()),
+            "fallback_rate": float(fb.mean())}
