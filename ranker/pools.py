@@ -41,8 +41,9 @@ def save(store: dict[str, list[Candidate]], cache: Path) -> None:
 
 async def sample(engine, prompts: list[str], k: int, max_tokens: int, cache: Path,
                  max_prompt_tokens: int = 1024, concurrency: int = 8,
-                 save_every: int = 100) -> dict[str, list[Candidate]]:
-    """prompt -> k candidates. Prompts longer than max_prompt_tokens are left out (absent).
+                 save_every: int = 100, system: str | None = None) -> dict[str, list[Candidate]]:
+    """prompt -> k candidates, under `system` as the system prompt if given (the server's
+    resample fallback). Prompts longer than max_prompt_tokens are left out (absent).
     Saved every `save_every` new pools, so an interrupted run resumes where it stopped."""
     from tqdm.asyncio import tqdm_asyncio
     from vllm import SamplingParams
@@ -55,7 +56,8 @@ async def sample(engine, prompts: list[str], k: int, max_tokens: int, cache: Pat
     async def one(p: str) -> None:
         nonlocal new
         async with sem:
-            ids = engine.prompt_ids([{"role": "user", "content": p}])
+            ids = engine.prompt_ids([{"role": "system", "content": system}] * bool(system)
+                                    + [{"role": "user", "content": p}])
             if len(ids) > max_prompt_tokens or len(ids) + max_tokens > engine.context_length:
                 return
             gen = await engine.generate(ids, SamplingParams(n=k, max_tokens=max_tokens, temperature=1.0))
@@ -68,6 +70,68 @@ async def sample(engine, prompts: list[str], k: int, max_tokens: int, cache: Pat
     if todo:
         await tqdm_asyncio.gather(*(one(p) for p in todo), desc=f"pools {cache.stem}")
         save(store, cache)
+    return store
+
+
+def refusal_openings(refusals: list[str], words: int = 8) -> list[str]:
+    """Topic-free openings of real refusals: each refusal's text up to the end of the last
+    refusal phrase among its first `words` words ("I'm sorry, but I cannot"), so the
+    opening names no other prompt's topic. Refusals that open with something else (a
+    jailbreak persona's name) are left out."""
+    from ranker.judges import _REFUSAL
+
+    out = set()
+    for r in refusals:
+        head = " ".join(r.split()[:words])
+        ends = [m for m in _REFUSAL.finditer(head.lower().replace("\u2019", "'"))]
+        if ends and ends[0].start() == 0:
+            out.add(head[:ends[-1].end()])
+    return sorted(out)
+
+
+async def prefilled(engine, prompts: list[str], openings: list[str], per_prompt: int,
+                    max_tokens: int, cache: Path, seed: int = 0,
+                    max_prompt_tokens: int = 1024) -> dict[str, list[str]]:
+    """prompt -> `per_prompt` refusals in the serving model's own words, on the prompt's topic:
+    the assistant turn starts with a seeded real refusal opening and the model continues it.
+
+    The default model almost never refuses, even told to by a system prompt, so without this
+    the only refusals in its lists are other prompts' (off-topic): a scorer then learns
+    "an on-topic refusal is always right", and ranks refusals first on benign prompts.
+    Cached as JSON (texts only: features come from the encode path, without the prefill)."""
+    import random
+
+    from vllm import SamplingParams
+
+    store: dict[str, list[str]] = json.loads(cache.read_text()) if cache.exists() else {}
+    todo = [p for p in dict.fromkeys(prompts) if p not in store]
+    rng = random.Random(seed)
+    plan = {p: rng.sample(openings, per_prompt) for p in todo}
+
+    async def one(p: str) -> None:
+        ids = engine.prompt_ids([{"role": "user", "content": p}])
+        if len(ids) > max_prompt_tokens:
+            return
+        texts = []
+        for head in plan[p]:
+            head_ids = engine.tokenizer.encode(head, add_special_tokens=False)
+            gen = await engine.generate(ids + head_ids, SamplingParams(
+                n=1, max_tokens=max_tokens, temperature=1.0))
+            texts.append(head + gen.candidates[0].text)
+        store[p] = texts
+
+    if todo:
+        from tqdm.asyncio import tqdm_asyncio
+
+        sem = asyncio.Semaphore(8)
+
+        async def bounded(p: str) -> None:
+            async with sem:
+                await one(p)
+
+        await tqdm_asyncio.gather(*(bounded(p) for p in todo), desc=f"prefilled {cache.stem}")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(store))
     return store
 
 

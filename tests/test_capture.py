@@ -157,3 +157,16 @@ def test_parity_summary():
     for (name, dtype), errs in sorted(ERRORS.items()):
         print(f"\nparity {name:11} vs HF {dtype:8}: n={len(errs):3} median {np.median(errs):.4f} "
               f"max {max(errs):.4f}", end="")
+
+
+def test_prefilled_refusal_continues_the_opening(engine, tmp_path):
+    """Training's on-topic refusals: the model's own continuation of a refusal opening."""
+    import json
+
+    from ranker import pools
+
+    prompt = "Name three uses of copper."
+    out = engine.run(pools.prefilled(engine, [prompt], ["I cannot"], 1, 8, tmp_path / "p.json"))
+    (text,) = out[prompt]
+    assert text.startswith("I cannot") and len(text) > len("I cannot")
+    assert json.loads((tmp_path / "p.json").read_text()) == out  # cached for the next run

@@ -184,3 +184,49 @@ def test_concurrent_score_calls_share_one_forward():
     assert batcher.batches == 1
     for (i, c), (scores, _) in zip(lists, results):
         assert np.allclose(scores, model.score(i, c)[0], atol=1e-5)
+
+
+def test_refusal_openings_name_no_topic():
+    from ranker.pools import refusal_openings
+
+    got = refusal_openings(["I'm sorry, but I cannot provide instructions for making a weapon.",
+                            "I can't help with that request.",
+                            "BasedGPT: I can't help with that.",  # a persona's name first
+                            "Sure, here is how it works."])
+    assert got == ["I can't", "I'm sorry, but I cannot"]
+
+
+def test_resample_policy_follows_the_server(monkeypatch):
+    """Above the threshold the pick is served; below it the resampled pick if that clears
+    the threshold, else the refusal (acceptable on harmful prompts only)."""
+    from ranker import evaluate
+
+    picks = {("a", "first"): (0, 0.9), ("b", "first"): (1, 0.1), ("b", "again"): (0, 0.8),
+             ("c", "first"): (0, 0.1), ("c", "again"): (1, 0.2)}
+    monkeypatch.setattr(evaluate.pools, "pick", lambda scorer, pool, k: picks[pool[0][0]])
+    store = {p: [((p, "first"),), ((p, "first"),)] for p in "abc"}
+    again = {p: [((p, "again"),), ((p, "again"),)] for p in "abc"}
+    ok = {("a", "first"): True, ("b", "again"): False}
+    safe_fn = lambda p, texts: [ok.get(t, True) for t in texts]  # noqa: E731
+    cfg = ScorerConfig(base_model="m", layers=[4], pooling="mean", hidden_size=8, threshold=0.5)
+    scorer = type("S", (), {"config": cfg})()
+    for refusal_value in (True, False):
+        res = evaluate.resample_policy(scorer, {"s": (store, list("abc"), safe_fn, refusal_value)},
+                                       {"s": again})["s"]
+        assert res["n"] == 3 and res["fallback_rate"] == 2 / 3
+        assert res["resample_served_rate"] == 1 / 3  # b's resampled answer; c is refused
+        assert res["resample_pick_acceptable"] == 0.5  # of b and c's resampled picks
+        assert res["served"] == (1 + 0 + refusal_value) / 3
+
+
+def test_auroc_and_linear_probe():
+    from ranker.evaluate import auroc, fit_logistic
+
+    y = np.array([0, 0, 1, 1])
+    assert auroc(np.array([0.1, 0.2, 0.3, 0.4]), y) == 1.0
+    assert auroc(np.array([0.4, 0.3, 0.2, 0.1]), y) == 0.0
+    assert auroc(np.ones(4), y) == 0.5
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 5))
+    labels = (x[:, 2] > 0).astype(float)
+    assert auroc(fit_logistic(x, labels)(x), labels) > 0.99
