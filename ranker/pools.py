@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,7 @@ def refusal_openings(refusals: list[str], words: int = 8) -> list[str]:
     out = set()
     for r in refusals:
         head = " ".join(r.split()[:words])
-        ends = [m for m in _REFUSAL.finditer(head.lower().replace("\u2019", "'"))]
+        ends = list(_REFUSAL.finditer(head.lower().replace("\u2019", "'")))
         if ends and ends[0].start() == 0:
             out.add(head[:ends[-1].end()])
     return sorted(out)
@@ -95,41 +96,34 @@ async def prefilled(engine, prompts: list[str], openings: list[str], per_prompt:
     """prompt -> `per_prompt` refusals in the serving model's own words, on the prompt's topic:
     the assistant turn starts with a seeded real refusal opening and the model continues it.
 
-    The default model almost never refuses, even told to by a system prompt, so without this
-    the only refusals in its lists are other prompts' (off-topic): a scorer then learns
-    "an on-topic refusal is always right", and ranks refusals first on benign prompts.
-    Cached as JSON (texts only: features come from the encode path, without the prefill)."""
-    import random
-
+    The default model almost never refuses (method.md, "Measured"), so without this the only
+    refusals in its lists are other prompts' (off-topic): a scorer then learns "an on-topic
+    refusal is always right", and ranks refusals first on benign prompts. Cached as JSON,
+    texts only: features come from the encode path, with the whole text as the response."""
+    from tqdm.asyncio import tqdm_asyncio
     from vllm import SamplingParams
 
     store: dict[str, list[str]] = json.loads(cache.read_text()) if cache.exists() else {}
     todo = [p for p in dict.fromkeys(prompts) if p not in store]
     rng = random.Random(seed)
     plan = {p: rng.sample(openings, per_prompt) for p in todo}
+    sem = asyncio.Semaphore(8)
 
     async def one(p: str) -> None:
-        ids = engine.prompt_ids([{"role": "user", "content": p}])
-        if len(ids) > max_prompt_tokens:
-            return
-        texts = []
-        for head in plan[p]:
-            head_ids = engine.tokenizer.encode(head, add_special_tokens=False)
-            gen = await engine.generate(ids + head_ids, SamplingParams(
-                n=1, max_tokens=max_tokens, temperature=1.0))
-            texts.append(head + gen.candidates[0].text)
-        store[p] = texts
+        async with sem:
+            ids = engine.prompt_ids([{"role": "user", "content": p}])
+            if len(ids) > max_prompt_tokens:
+                return
+            texts = []
+            for head in plan[p]:
+                head_ids = engine.tokenizer.encode(head, add_special_tokens=False)
+                gen = await engine.generate(ids + head_ids, SamplingParams(
+                    n=1, max_tokens=max_tokens, temperature=1.0))
+                texts.append(head + gen.candidates[0].text)
+            store[p] = texts
 
     if todo:
-        from tqdm.asyncio import tqdm_asyncio
-
-        sem = asyncio.Semaphore(8)
-
-        async def bounded(p: str) -> None:
-            async with sem:
-                await one(p)
-
-        await tqdm_asyncio.gather(*(bounded(p) for p in todo), desc=f"prefilled {cache.stem}")
+        await tqdm_asyncio.gather(*(one(p) for p in todo), desc=f"prefilled {cache.stem}")
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(store))
     return store
