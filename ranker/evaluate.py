@@ -476,7 +476,8 @@ training split's {pp['n_train']} prompts (harmful vs benign), separates XSTest's
 its safe prompts ({pp['n_xstest_unsafe']} of {pp['n_xstest']} unsafe) with AUROC
 {pp['train_to_xstest_auroc']:.3f}; the same probe cross-validated within XSTest (5 folds)
 reaches {pp['xstest_5fold_auroc']:.3f}. The first is what the training data teaches; the
-second, what the states hold for prompts of XSTest's kind.
+second, what a probe can find in the states for prompts of XSTest's kind (partly, perhaps,
+XSTest's own structure: its safe and unsafe prompts come in matched types).
 
 ## Threshold trade-off, K=8
 
