@@ -27,6 +27,7 @@ import torch
 
 from ranker import data, judges, pools
 from ranker.embed import MiniLM
+from ranker.featurize import ABLATION_LAYERS, pair_key
 from ranker.pipeline import SEED, Item, advbench_sets, by_kind, dataset, make_lists, start_engine
 from ranker.scorer import ScorerConfig, SRRScorer
 from ranker.train import RankList, expected_calibration_error, predict, train
@@ -78,34 +79,42 @@ def end_to_end(scorer, store, prompts, safe_fn, refusal_value: bool) -> dict:
 THRESHOLDS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
-def tradeoff(scorer, sets: dict, k: int = 8) -> dict:
-    """What the server returns at K=k as the threshold moves: per set, the share of prompts
-    served an acceptable answer and the fallback rate. sets: name -> (pool store, prompts,
+def best_picks(scorer, sets: dict, k: int = 8) -> dict[str, list[tuple[str, int, float, bool]]]:
+    """Per set, for each prompt with a pool: the server's pick among the first k candidates,
+    its calibrated probability and whether it is acceptable (judged once, shared by the
+    threshold trade-off and the fallback comparison). sets: name -> (pool store, prompts,
     safe_fn, whether a fallback refusal counts as acceptable)."""
-    best: dict = {}
-    for name, (store, prompts, safe_fn, refusal_value) in sets.items():
+    out = {}
+    for name, (store, prompts, safe_fn, _) in sets.items():
         picks = [(p, *pools.pick(scorer, store[p], k)) for p in prompts if store.get(p)]
-        best[name] = ([prob for _, _, prob in picks],
-                      [safe_fn(p, [store[p][i][0]])[0] for p, i, _ in picks], refusal_value)
-    return {t: {name: pools.outcome(prob, ok, t, rv) for name, (prob, ok, rv) in best.items()}
+        out[name] = [(p, i, prob, safe_fn(p, [store[p][i][0]])[0]) for p, i, prob in picks]
+    return out
+
+
+def tradeoff(scorer, sets: dict, picks: dict) -> dict:
+    """What the server returns as the threshold moves: per set, the share of prompts served an
+    acceptable answer and the fallback rate (picks: `best_picks`)."""
+    return {t: {name: pools.outcome([x[2] for x in picks[name]], [x[3] for x in picks[name]], t,
+                                    refusal_value)
+                for name, (*_, refusal_value) in sets.items()}
             for t in sorted({*THRESHOLDS, round(scorer.config.threshold, 3)})}
 
 
-def resample_policy(scorer, sets: dict, resampled: dict, k: int = 8) -> dict:
+def resample_policy(scorer, sets: dict, picks: dict, resampled: dict, k: int = 8) -> dict:
     """The server's `resample` fallback at K=k: where the best of K candidates falls below the
-    threshold, K more are sampled under the safety system prompt (`resampled` pools); their
-    best is returned if it clears the threshold, else the refusal. Per set: the share of
-    prompts served an acceptable answer, how often the fallback fires, how often a resampled
-    answer is served, and how often the best resampled candidate is acceptable at all."""
+    threshold (picks: `best_picks`), K more are sampled under the safety system prompt
+    (`resampled` pools); their best is returned if it clears the threshold, else the refusal.
+    Per set: the share of prompts served an acceptable answer, how often the fallback fires,
+    how often a resampled answer is served, and how often the best resampled candidate is
+    acceptable at all."""
     thr = scorer.config.threshold
     out = {}
-    for name, (store, prompts, safe_fn, refusal_value) in sets.items():
+    for name, (_, _, safe_fn, refusal_value) in sets.items():
         served, fired, used, again_ok = [], [], [], []
-        for p in (p for p in prompts if store.get(p) and resampled[name].get(p)):
-            i, prob = pools.pick(scorer, store[p], k)
+        for p, _, prob, ok in (x for x in picks[name] if resampled[name].get(x[0])):
             fired.append(prob < thr)
             if not fired[-1]:
-                served.append(safe_fn(p, [store[p][i][0]])[0])
+                served.append(ok)
                 continue
             j, prob2 = pools.pick(scorer, resampled[name][p], k)
             again_ok.append(safe_fn(p, [resampled[name][p][j][0]])[0])
@@ -150,8 +159,6 @@ def prompt_probe(ds, scorer) -> dict:
     benign one? A linear probe on the last prompt token's state: trained on the training
     split's prompts (harmful vs benign), tested on XSTest's prompts (unsafe vs safe); and,
     as the ceiling of what the states hold, 5-fold cross-validated within XSTest."""
-    from ranker.featurize import ABLATION_LAYERS, pair_key
-
     cfg = scorer.config
 
     def prompts(part):
@@ -332,17 +339,16 @@ async def run(scorer_dir: Path, out: Path, cache_dir: Path, n_advbench: int, n_x
     try:
         ds = await dataset(engine)
         pdir = cache_dir / "eval"
-        sample = lambda ps, k, name: pools.sample(  # noqa: E731
-            engine, ps, k, max_tokens, pdir / f"{name}-{max_tokens}.npz", max_prompt_tokens=4096)
+        sample = lambda ps, k, name, system=None: pools.sample(  # noqa: E731
+            engine, ps, k, max_tokens, pdir / f"{name}-{max_tokens}.npz", max_prompt_tokens=4096,
+            system=system)
         adv_pool = await sample(adv, 16, "advbench")
         wr_pool = await sample(wrapped, 16, "advbench-wrapped-heldout-templates")
         xs_pool = await sample(xs_safe, 8, "xstest-safe")
         rho_pool = await sample(rho, 8, "rho-overrefusal")
         # The resample fallback's candidates: K=8 under the server's safety system prompt.
-        resampled = {name: await pools.sample(
-            engine, ps, 8, max_tokens, pdir / f"{name}-safety-prompt-{max_tokens}.npz",
-            max_prompt_tokens=4096, system=SAFETY_SYSTEM_PROMPT)
-            for name, ps in (("advbench", adv), ("advbench_wrapped", wrapped),
+        resampled = {name: await sample(ps, 8, f"{name}-safety-prompt", SAFETY_SYSTEM_PROMPT)
+                     for name, ps in (("advbench", adv), ("advbench_wrapped", wrapped),
                              ("xstest_safe", xs_safe), ("rho_overrefusal", rho))}
     finally:
         engine.shutdown()
@@ -365,8 +371,9 @@ async def run(scorer_dir: Path, out: Path, cache_dir: Path, n_advbench: int, n_x
             "rho_overrefusal": (rho_pool, rho, helpful, False)}
     for name, (store, prompts, safe_fn, refusal_value) in sets.items():
         report[name] = end_to_end(scorer, store, prompts, safe_fn, refusal_value)
-    report["tradeoff"] = tradeoff(scorer, sets)
-    report["resample"] = resample_policy(scorer, sets, resampled)
+    picks = best_picks(scorer, sets)
+    report["tradeoff"] = tradeoff(scorer, sets, picks)
+    report["resample"] = resample_policy(scorer, sets, picks, resampled)
     report["prompt_probe"] = prompt_probe(ds, scorer)
     sweep = json.loads((scorer_dir / "evaluation.json").read_text())["sweep"]
     report["ranking"] = ranking_section(ds, scorer, sweep, epochs)

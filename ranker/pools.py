@@ -79,12 +79,12 @@ def refusal_openings(refusals: list[str], words: int = 8) -> list[str]:
     refusal phrase among its first `words` words ("I'm sorry, but I cannot"), so the
     opening names no other prompt's topic. Refusals that open with something else (a
     jailbreak persona's name) are left out."""
-    from ranker.judges import _REFUSAL
+    from ranker.judges import refusal_phrases
 
     out = set()
     for r in refusals:
         head = " ".join(r.split()[:words])
-        ends = list(_REFUSAL.finditer(head.lower().replace("\u2019", "'")))
+        ends = refusal_phrases(head)
         if ends and ends[0].start() == 0:
             out.add(head[:ends[-1].end()])
     return sorted(out)

@@ -211,7 +211,8 @@ def test_resample_policy_follows_the_server(monkeypatch):
     cfg = ScorerConfig(base_model="m", layers=[4], pooling="mean", hidden_size=8, threshold=0.5)
     scorer = type("S", (), {"config": cfg})()
     for refusal_value in (True, False):
-        res = evaluate.resample_policy(scorer, {"s": (store, list("abc"), safe_fn, refusal_value)},
+        sets = {"s": (store, list("abc"), safe_fn, refusal_value)}
+        res = evaluate.resample_policy(scorer, sets, evaluate.best_picks(scorer, sets),
                                        {"s": again})["s"]
         assert res["n"] == 3 and res["fallback_rate"] == 2 / 3
         assert res["resample_served_rate"] == 1 / 3  # b's resampled answer; c is refused
