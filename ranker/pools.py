@@ -62,7 +62,10 @@ async def sample(engine, prompts: list[str], k: int, max_tokens: int, cache: Pat
             if len(ids) > max_prompt_tokens or len(ids) + max_tokens > engine.context_length:
                 return
             gen = await engine.generate(ids, SamplingParams(n=k, max_tokens=max_tokens, temperature=1.0))
-            store[p] = [(c.text, c.features.instruction, c.features.mean, c.features.last)
+            # float16 in memory as on disk: a run that samples a pool must train on the same
+            # numbers as a rerun that loads it (the rounding alone moved the chosen threshold)
+            h = lambda a: np.asarray(a, dtype=np.float16)  # noqa: E731
+            store[p] = [(c.text, h(c.features.instruction), h(c.features.mean), h(c.features.last))
                         for c in gen.candidates]
             new += 1
             if new % save_every == 0:

@@ -170,3 +170,16 @@ def test_prefilled_refusal_continues_the_opening(engine, tmp_path):
     (text,) = out[prompt]
     assert text.startswith("I cannot") and len(text) > len("I cannot")
     assert json.loads((tmp_path / "p.json").read_text()) == out  # cached for the next run
+
+
+def test_sampled_pool_equals_its_reload(engine, tmp_path):
+    """A run that samples a pool trains on exactly what a rerun loads from the cache."""
+    from ranker import pools
+
+    prompt = "Name three uses of copper."
+    fresh = engine.run(pools.sample(engine, [prompt], 2, 8, tmp_path / "pool.npz"))
+    again = pools.load(tmp_path / "pool.npz")
+    assert [c[0] for c in fresh[prompt]] == [c[0] for c in again[prompt]]
+    for a, b in zip(fresh[prompt], again[prompt]):
+        for x, y in zip(a[1:], b[1:]):
+            assert x.dtype == y.dtype and np.array_equal(x, y)
