@@ -47,6 +47,10 @@ PREFILLED = 2  # on-topic refusals per training prompt, continued by the model f
 DNA_PROMPTS = 150
 SPLIT = (0.7, 0.15, 0.15)  # train / val / test, by prompt
 POINTWISE_WEIGHTS = (0.0, 1.0)
+# Every choice (layer, pooling, pointwise weight) is made on the mean over these training
+# seeds: one run's choice swung with float16 rounding of its inputs (README, "Variance").
+# The model trained with the first seed ships.
+SEEDS = (SEED, SEED + 1, SEED + 2)
 
 
 def acceptable(r: data.LabelledResponse) -> int | None:
@@ -248,6 +252,32 @@ def choose_threshold(probs_best_benign: np.ndarray, max_fallback: float = 0.02) 
     return float(np.quantile(probs_best_benign, max_fallback)) if len(probs_best_benign) else 0.5
 
 
+def threshold_interval(probs_best_benign: np.ndarray, n: int = 1000, seed: int = SEED) -> list[float]:
+    """5th and 95th percentile of `choose_threshold` over bootstrap resamples of the benign
+    validation pools: with ~100 pools the 2% quantile rests on two or three of them."""
+    rng = np.random.default_rng(seed)
+    p = np.asarray(probs_best_benign)
+    if not len(p):
+        return [float("nan")] * 2
+    boot = [choose_threshold(rng.choice(p, len(p))) for _ in range(n)]
+    return [float(q) for q in np.quantile(boot, [0.05, 0.95])]
+
+
+def seed_mean(runs: list[dict]) -> dict:
+    """Per-seed result dicts (nested) -> the mean of every number, and its standard deviation
+    across seeds as `<key>_sd` (counts `n_*` are equal across seeds and get none)."""
+    out: dict = {}
+    for k, v in runs[0].items():
+        if isinstance(v, dict):
+            out[k] = seed_mean([r[k] for r in runs])
+        elif isinstance(v, (int, float)):
+            vals = np.array([r[k] for r in runs], dtype=float)
+            out[k] = float(np.mean(vals))
+            if not k.startswith("n_"):
+                out[f"{k}_sd"] = float(np.std(vals))
+    return out
+
+
 def pool_decisions(model, pools_by_kind: dict[str, dict], label: dict, k: int = 8) -> dict:
     """On the serving model's own validation pools (first k candidates, as the server samples
     them): the threshold keeping benign fallback at 2%, and per kind the fallback rate and the
@@ -259,7 +289,7 @@ def pool_decisions(model, pools_by_kind: dict[str, dict], label: dict, k: int = 
         best[kind] = ([prob for _, _, prob in picks],
                       [label[(prompt, store[prompt][i][0])] for prompt, i, _ in picks])
     thr = choose_threshold(np.array(best["benign"][0]))
-    out = {"threshold": thr}
+    out = {"threshold": thr, "threshold_ci90": threshold_interval(np.array(best["benign"][0]))}
     for kind, (prob, ok) in best.items():
         o = pools.outcome(prob, ok, thr, fallback_ok=kind != "benign")
         out[f"fallback_{kind}"] = o["fallback_rate"]
@@ -343,44 +373,54 @@ async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
     base = dict(base_model=default_model.MODEL_NAME, hidden_size=576,
                 base_model_revision=f"gguf-sha256:{default_model.GGUF_SHA256[:16]}")
     held = ("val", "test", "xstest")
+    cfg = lambda layer, pooling: ScorerConfig(  # noqa: E731
+        layers=[layer], pooling=pooling, name="srr-smollm2-135m", version="0.5.0", **base)
     best = None
     for layer in ABLATION_LAYERS:
         for pooling in ("mean", "last"):
             ls = {k: make_lists(parts[k], store, [layer], pooling) for k in ("train", *held)}
-            model = train(ScorerConfig(layers=[layer], pooling=pooling, **base), ls["train"],
-                          epochs=epochs, seed=SEED, progress=False)
-            res = {k: by_kind(predict(model, ls[k]), ls[k]) for k in held}
+            models, runs = [], []
+            for seed in SEEDS:
+                models.append(train(cfg(layer, pooling), ls["train"], epochs=epochs, seed=seed,
+                                    progress=False))
+                runs.append({k: by_kind(predict(models[-1], ls[k]), ls[k]) for k in held})
+                va = runs[-1]["val"]
+                va["mean_top1"] = (va["top1_harmful"] + va["top1_benign"]) / 2
+            res = report["sweep"][f"L{layer}-{pooling}"] = seed_mean(runs)
             va = res["val"]
-            va["mean_top1"] = (va["top1_harmful"] + va["top1_benign"]) / 2
-            report["sweep"][f"L{layer}-{pooling}"] = res
             print(f"L{layer:>2} {pooling:4}  val top1 harmful {va['top1_harmful']:.3f} "
-                  f"benign {va['top1_benign']:.3f}", file=sys.stderr)
+                  f"benign {va['top1_benign']:.3f}  mean {va['mean_top1']:.3f} "
+                  f"(sd {va['mean_top1_sd']:.3f} over {len(SEEDS)} seeds)", file=sys.stderr)
             if best is None or va["mean_top1"] > best[0]:
-                best = (va["mean_top1"], layer, pooling)
-    _, layer, pooling = best
+                best = (va["mean_top1"], layer, pooling, models)
+    _, layer, pooling, listwise_models = best
     lists = {k: make_lists(v, store, [layer], pooling) for k, v in parts.items()}
     val_pools = ds.pools_of("val")
     label = {(r.prompt, r.response): acceptable(r) for r in records if r.writer == GENERATED_WRITER}
     # The pointwise weight is chosen on validation pools for what it is meant to improve:
     # what the server returns for harmful prompts, at a threshold that keeps benign fallback
-    # at 2%.
+    # at 2%; on the mean over seeds.
     candidates = {}
     for weight in POINTWISE_WEIGHTS:
-        cfg = ScorerConfig(layers=[layer], pooling=pooling, name="srr-smollm2-135m",
-                           version="0.4.0", **base)
-        model = train(cfg, lists["train"], epochs=epochs, seed=SEED, pointwise=weight)
-        a, b = fit_calibration(predict(model, lists["val"]), lists["val"])
-        model.config.calib_a, model.config.calib_b = a, b
-        decisions = pool_decisions(model, val_pools, label)
-        candidates[weight] = (model, decisions)
-        print(f"pointwise {weight}: {json.dumps(decisions)}", file=sys.stderr)
-    weight = max(candidates, key=lambda w: candidates[w][1]["served_harmful_mean"])
-    model, decisions = candidates[weight]
+        candidates[weight] = []
+        for i, seed in enumerate(SEEDS):
+            model = listwise_models[i] if weight == 0 else train(
+                cfg(layer, pooling), lists["train"], epochs=epochs, seed=seed, pointwise=weight)
+            model.config.calib_a, model.config.calib_b = fit_calibration(
+                predict(model, lists["val"]), lists["val"])
+            candidates[weight].append((model, pool_decisions(model, val_pools, label)))
+        mean = seed_mean([d for _, d in candidates[weight]])
+        print(f"pointwise {weight}: {json.dumps(mean)}", file=sys.stderr)
+    weight = max(candidates, key=lambda w: np.mean([d["served_harmful_mean"] for _, d in candidates[w]]))
+    model, decisions = candidates[weight][0]
     model.config.threshold = decisions["threshold"]
-    report["chosen"] = {"layer": layer, "pooling": pooling, "pointwise": weight,
+    report["chosen"] = {"layer": layer, "pooling": pooling, "pointwise": weight, "seed": SEEDS[0],
                         "calib_a": model.config.calib_a, "calib_b": model.config.calib_b,
                         "threshold": model.config.threshold,
-                        "val_pools": {str(w): d for w, (_, d) in candidates.items()}}
+                        "threshold_ci90": decisions["threshold_ci90"],
+                        "val_pools": {str(w): {"shipped": runs[0][1],
+                                               "seeds": seed_mean([d for _, d in runs])}
+                                      for w, runs in candidates.items()}}
     for name in held:
         scores = predict(model, lists[name])
         probs = np.concatenate([model.probability(torch.from_numpy(s)).numpy() for s in scores])
@@ -389,7 +429,7 @@ async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
         report[name]["ece"] = expected_calibration_error(probs, labels)
         report[name]["lists"] = len(lists[name])
     report["training"] = {
-        "command": "srr train", "seed": SEED, "epochs": epochs,
+        "command": "srr train", "seed": SEED, "seeds": list(SEEDS), "epochs": epochs,
         "data_sha256": {"train": sha_of(train_r), "val": sha_of(val_r), "test": sha_of(test_r)},
         "sources": sorted({r.source.split("/")[0] for r in records}),
         "seconds": round(time.time() - t0, 1),
@@ -403,7 +443,8 @@ async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
 
 def model_card(report: dict) -> str:
     c, t = report["chosen"], report["training"]
-    chosen = c["val_pools"][str(c["pointwise"])]
+    chosen = c["val_pools"][str(c["pointwise"])]["shipped"]
+    pm = lambda d, k: f"{d[k]:.3f} ± {d.get(k + '_sd', float('nan')):.3f}"  # noqa: E731
 
     def row(name: str) -> str:
         r = report[name]
@@ -411,16 +452,19 @@ def model_card(report: dict) -> str:
                 f"{r['top1_benign']:.3f} ({r['n_benign']}) | {r['top1_harmful_all']:.3f} | "
                 f"{r['top1_benign_all']:.3f} | {r['ndcg']:.3f} | {r['ece']:.3f} |")
 
-    sweep = "\n".join(f"| {k} | {v['val']['top1_harmful']:.3f} | {v['val']['top1_benign']:.3f} | "
-                      f"{v['xstest']['top1_harmful']:.3f} | {v['xstest']['top1_benign']:.3f} |"
+    sweep = "\n".join(f"| {k} | {pm(v['val'], 'top1_harmful')} | {pm(v['val'], 'top1_benign')} | "
+                      f"{pm(v['xstest'], 'top1_harmful')} | {pm(v['xstest'], 'top1_benign')} |"
                       for k, v in report["sweep"].items())
-    pw = "\n".join(f"| {w} | {d['threshold']:.3f} | {d['fallback_benign']:.3f} | "
-                   f"{d['fallback_harmful']:.3f} | {d['served_harmful']:.3f} | "
-                   f"{d.get('served_wrapped', float('nan')):.3f} |" for w, d in c["val_pools"].items())
+    pw = "\n".join(f"| {w} | {pm(d['seeds'], 'threshold')} | {pm(d['seeds'], 'fallback_benign')} | "
+                   f"{pm(d['seeds'], 'fallback_harmful')} | {pm(d['seeds'], 'served_harmful')} | "
+                   f"{pm(d['seeds'], 'served_wrapped')} |" for w, d in c["val_pools"].items())
+    lo, hi = c["threshold_ci90"]
     return f"""# SRR scorer for SmolLM2-135M-Instruct
 
 Generated by `srr train` (ranker/pipeline.py), seed {t['seed']}, {t['epochs']} epochs, \
-{t['seconds']:.0f} s on the machine that trained it.
+{t['seconds']:.0f} s on the machine that trained it. Layer, pooling and pointwise weight were
+chosen on the mean over training seeds {t['seeds']}; the seed-{t['seed']} model ships. Tables give
+mean ± standard deviation over those seeds.
 
 - Features: layer {c['layer']} residual stream, `{c['pooling']}` pooling over response rows,
   plus the instruction vector (last prompt token), captured by the serving engine itself.
@@ -429,7 +473,8 @@ Generated by `srr train` (ranker/pipeline.py), seed {t['seed']}, {t['epochs']} e
   pools, below).
 - Calibration: P(acceptable) = sigmoid({c['calib_a']:.3f} * score + {c['calib_b']:.3f}), fitted
   on validation lists. Threshold {c['threshold']:.3f}: the highest that falls back on at most
-  2% of the serving model's own K=8 pools for benign validation prompts; on harmful
+  2% of the serving model's own K=8 pools for benign validation prompts (bootstrap over those
+  {chosen['n_benign']} pools, 90% interval: {lo:.3f} to {hi:.3f}); on harmful
   validation prompts it falls back on {chosen['fallback_harmful']:.1%} (plain) and
   {chosen.get('fallback_wrapped', float('nan')):.1%} (jailbreak-wrapped) of pools.
 - Training data ({', '.join(t['sources'])}):
@@ -477,11 +522,13 @@ their generated lists are labelled by the same judges the scorer was trained aga
 
 ## Fallback on the serving model's validation pools (K=8), per pointwise weight
 
+Mean ± standard deviation over the seeds' models, each at its own threshold.
+
 | weight | threshold | fallback, benign | fallback, harmful | served acceptable, harmful | served acceptable, wrapped |
 |---|---|---|---|---|---|
 {pw}
 
-## Layer and pooling sweep (listwise loss only)
+## Layer and pooling sweep (listwise loss only; mean ± sd over seeds)
 
 | features | val harmful | val benign | XSTest harmful | XSTest benign |
 |---|---|---|---|---|

@@ -113,6 +113,27 @@ def test_pool_decisions_threshold_and_served_rates():
     assert d["served_harmful"] == d["fallback_harmful"]  # every harmful candidate is unacceptable
 
 
+def test_seed_mean_averages_nested_numbers_with_their_spread():
+    from ranker.pipeline import seed_mean
+
+    runs = [{"val": {"top1": 0.8, "n_lists": 10}, "thr": 0.5, "ci": [0.1, 0.2]},
+            {"val": {"top1": 0.6, "n_lists": 10}, "thr": 0.7, "ci": [0.3, 0.4]}]
+    m = seed_mean(runs)
+    assert m["val"]["top1"] == pytest.approx(0.7) and m["val"]["top1_sd"] == pytest.approx(0.1)
+    assert m["val"]["n_lists"] == 10 and "n_lists_sd" not in m["val"]
+    assert m["thr"] == pytest.approx(0.6) and "ci" not in m
+
+
+def test_threshold_interval_brackets_the_threshold_and_widens_with_fewer_pools():
+    from ranker.pipeline import choose_threshold, threshold_interval
+
+    rng = np.random.default_rng(0)
+    many, few = rng.uniform(size=2000), rng.uniform(size=50)
+    lo, hi = threshold_interval(many)
+    assert lo <= choose_threshold(many) <= hi
+    assert hi - lo < np.subtract(*threshold_interval(few)[::-1])
+
+
 def test_rank_orders_and_thresholds():
     d = rank([0.1, 0.9, 0.5], [0.2, 0.7, 0.4], threshold=0.5)
     assert d.order == [1, 2, 0] and d.accepted
