@@ -59,6 +59,14 @@ def configure_environment(layers: list[int], cache_dir: Path) -> None:
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir / f"vllm-capture-L{tag}"))
     # vLLM-CPU sizes its KV cache from NUMA node 0 and refuses to start without this.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        # vllm-cpu 0.32.0 saves an AOT-compiled graph it cannot load ("'function' object has
+        # no attribute 'finalize_loading'": the CPU backend's callable is torch's, not vLLM's),
+        # so every start recompiled. Without AOT, Inductor's own cache loads: a warm start
+        # took 41 s instead of 77 s here (README, "Performance").
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
 
 class Engine:
