@@ -403,7 +403,8 @@ def markdown(r: dict) -> str:
         return (v["srr"] - v["first"]) / (v["oracle"] - v["first"]) if v["oracle"] > v["first"] else float("nan")
 
     def cell(v, kind):
-        return f"{v[f'top1_{kind}']:.3f} ({v[f'top1_{kind}_all']:.3f})"
+        sd = f" ± {v[f'top1_{kind}_sd']:.3f}" if f"top1_{kind}_sd" in v else ""
+        return f"{v[f'top1_{kind}']:.3f}{sd} ({v[f'top1_{kind}_all']:.3f})"
 
     rank_rows = "\n".join(f"| {m} | {cell(v['test'], 'harmful')} | {cell(v['test'], 'benign')} | "
                            f"{cell(v['xstest'], 'harmful')} | {cell(v['xstest'], 'benign')} |"
@@ -506,7 +507,7 @@ XSTest harmful {r['ranking']['srr (shipped)']['xstest']['n_harmful']}, XSTest be
 paper's looser definition, which also counts lists of acceptable answers only. The test
 lists hold generated candidates labelled by the judges; XSTest's are human-labelled
 answers by five writer models no training list came from. Layer rows: `srr train`'s sweep
-(listwise loss only).
+(listwise loss only), mean ± standard deviation over its training seeds.
 
 | method | test harmful | test benign | XSTest harmful | XSTest benign |
 |---|---|---|---|---|

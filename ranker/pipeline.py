@@ -374,7 +374,7 @@ async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
                 base_model_revision=f"gguf-sha256:{default_model.GGUF_SHA256[:16]}")
     held = ("val", "test", "xstest")
     cfg = lambda layer, pooling: ScorerConfig(  # noqa: E731
-        layers=[layer], pooling=pooling, name="srr-smollm2-135m", version="0.5.0", **base)
+        layers=[layer], pooling=pooling, name="srr-smollm2-135m", version="0.4.0", **base)
     best = None
     for layer in ABLATION_LAYERS:
         for pooling in ("mean", "last"):
