@@ -13,8 +13,9 @@ Steps (each cached, so a rerun takes minutes):
    benign one. A prompt whose answers are all one label gets a real refusal from another item
    of the same split as contrast, so harmful lists teach "refuse" and benign lists teach
    "help" (method.md, "Measured": harmful-only training inverts on benign prompts).
-5. Layer x pooling sweep on validation, final fit, Platt calibration and threshold on
-   validation, judge-free evaluation on XSTest's labelled completions (never trained on).
+5. Layer x pooling sweep on validation (each cell over SEEDS, chosen on the mean), final fit,
+   Platt calibration and threshold on validation, judge-free evaluation on XSTest's labelled
+   completions (never trained on).
 """
 
 from __future__ import annotations
