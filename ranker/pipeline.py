@@ -257,7 +257,7 @@ def choose_threshold(probs_best_benign: np.ndarray, max_fallback: float = 0.02) 
 
 def threshold_interval(probs_best_benign: np.ndarray, n: int = 1000, seed: int = SEED) -> list[float]:
     """5th and 95th percentile of `choose_threshold` over bootstrap resamples of the benign
-    validation pools: with ~100 pools the 2% quantile rests on two or three of them."""
+    pools: with ~100 pools the 2% quantile rests on two or three of them."""
     rng = np.random.default_rng(seed)
     p = np.asarray(probs_best_benign)
     if not len(p):
@@ -423,14 +423,15 @@ async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
     lists = {k: make_lists(v, store, [layer], pooling) for k, v in parts.items()}
     val_pools = ds.pools_of("val")
     label = {(r.prompt, r.response): acceptable(r) for r in records if r.writer == GENERATED_WRITER}
-    # The pointwise weight is chosen on validation pools for what it is meant to improve:
-    # what the server returns for harmful prompts, at a threshold that keeps benign fallback
-    # at 2%; on the mean over seeds.
+
     def calibrated(model):
         model.config.calib_a, model.config.calib_b = fit_calibration(
             predict(model, lists["val"]), lists["val"])
         return model
 
+    # The pointwise weight is chosen on validation pools for what it is meant to improve:
+    # what the server returns for harmful prompts, at a threshold that keeps benign fallback
+    # at 2%; on the mean over seeds.
     candidates = {}
     for weight in POINTWISE_WEIGHTS:
         candidates[weight] = []
