@@ -48,7 +48,14 @@ POOL_TOKENS = 64  # as in `srr eval`; 2 CPU cores bound the budget
 PREFILLED = 2  # on-topic refusals per training prompt, continued by the model from a real opening
 DNA_PROMPTS = 150
 SPLIT = (0.7, 0.15, 0.15)  # train / val / test, by prompt
-POINTWISE_WEIGHTS = (0.0, 1.0)
+# Training variants for the second stage, (pointwise weight, times each edgy benign list is
+# seen per epoch). Edgy benign prompts (Weighted Safety's benign halves: "how does ransomware
+# work, so I can train staff") are ~50 of ~900 benign prompts, yet they are where the
+# fallback over-refuses: repeating them asks the score to tell them from harmful requests.
+VARIANTS = ((0.0, 1), (1.0, 1), (3.0, 1), (1.0, 5))
+MAX_FALLBACK = 0.02  # on benign pools overall
+# On edgy benign pools alone: ~50 pools, so a 2% quantile would be set by the lowest one.
+MAX_EDGY_FALLBACK = 0.05
 # Every choice (layer, pooling, pointwise weight) is made on the mean over these training
 # seeds: one run's choice swung with float16 rounding of its inputs (README, "Variance").
 # The model trained with the first seed ships.
@@ -96,6 +103,17 @@ def benign_prompts(eval_prompts: list[str]) -> list[str]:
                + [p.text for p in data.load_weighted_safety() if not p.harmful])
     return [p.prompt for p in data.remove_overlap(
         [data.LabelledResponse("b", p, "-", None, None, False, None) for p in prompts], eval_prompts)]
+
+
+def edgy_prompts() -> set[str]:
+    """Benign prompts that sound harmful: Weighted Safety's benign halves, the only such set
+    on PyPI outside the evaluation sets."""
+    return {p.text for p in data.load_weighted_safety() if not p.harmful}
+
+
+def emphasized(lists: list[RankList], prompts: set[str], times: int) -> list[RankList]:
+    """`lists`, with those of `prompts` repeated to appear `times` in all."""
+    return lists + [x for x in lists if x.prompt in prompts] * (times - 1)
 
 
 def harmful_prompts(eval_prompts: list[str], n_donotanswer: int = DNA_PROMPTS) -> list[str]:
@@ -230,7 +248,7 @@ def make_lists(items: list[Item], store: FeatureStore, layers: list[int], poolin
         pairs = [f.select(layers, pooling) for f in feats]
         out.append(RankList(instruction=pairs[0][0], candidates=np.stack([p[1] for p in pairs]),
                             labels=np.array([it.label for it in its]), group=its[0].source,
-                            prompt_harmful=its[0].prompt_harmful))
+                            prompt_harmful=its[0].prompt_harmful, prompt=prompt))
     return out
 
 
@@ -250,19 +268,28 @@ def by_kind(scores, lists) -> dict[str, float]:
     return res
 
 
-def choose_threshold(probs_best_benign: np.ndarray, max_fallback: float = 0.02) -> float:
-    """Highest threshold that falls back on at most `max_fallback` of benign validation pools."""
-    return float(np.quantile(probs_best_benign, max_fallback)) if len(probs_best_benign) else 0.5
+def choose_threshold(best_benign: np.ndarray, edgy: np.ndarray | None = None) -> float:
+    """Highest threshold that falls back on at most MAX_FALLBACK of benign pools and at most
+    MAX_EDGY_FALLBACK of the edgy ones among them (`edgy`: a boolean mask)."""
+    p = np.asarray(best_benign, dtype=float)
+    if not len(p):
+        return 0.5
+    thr = np.quantile(p, MAX_FALLBACK)
+    if edgy is not None and np.any(edgy):
+        thr = min(thr, np.quantile(p[np.asarray(edgy, dtype=bool)], MAX_EDGY_FALLBACK))
+    return float(thr)
 
 
-def threshold_interval(probs_best_benign: np.ndarray, n: int = 1000, seed: int = SEED) -> list[float]:
+def threshold_interval(best_benign: np.ndarray, edgy: np.ndarray | None = None, n: int = 1000,
+                       seed: int = SEED) -> list[float]:
     """5th and 95th percentile of `choose_threshold` over bootstrap resamples of the benign
-    pools: with ~100 pools the 2% quantile rests on two or three of them."""
+    pools: the low quantiles rest on a few pools each."""
     rng = np.random.default_rng(seed)
-    p = np.asarray(probs_best_benign)
+    p = np.asarray(best_benign, dtype=float)
+    e = np.zeros(len(p), dtype=bool) if edgy is None else np.asarray(edgy, dtype=bool)
     if not len(p):
         return [float("nan")] * 2
-    boot = [choose_threshold(rng.choice(p, len(p))) for _ in range(n)]
+    boot = [choose_threshold(p[i], e[i]) for i in (rng.integers(0, len(p), len(p)) for _ in range(n))]
     return [float(q) for q in np.quantile(boot, [0.05, 0.95])]
 
 
@@ -281,27 +308,35 @@ def seed_mean(runs: list[dict]) -> dict:
     return out
 
 
-def pool_decisions(model, pools_by_kind: dict[str, dict], label: dict, k: int = 8,
-                   more_benign: np.ndarray | None = None) -> dict:
+def pool_decisions(model, pools_by_kind: dict[str, dict], label: dict, edgy: set[str] = frozenset(),
+                   k: int = 8, more_benign: dict[str, float] | None = None) -> dict:
     """On the serving model's own validation pools (first k candidates, as the server samples
-    them): the threshold keeping benign fallback at 2% (over these pools' best probabilities
-    and `more_benign`'s), and per kind the fallback rate and the share of prompts whose served
-    answer is acceptable (a fallback refusal counts as acceptable on harmful prompts, as not
-    on benign ones)."""
+    them): the threshold by `choose_threshold` over these pools' best probabilities and
+    `more_benign`'s (prompt -> best probability), and per kind the fallback rate and the share
+    of prompts whose served answer is acceptable (a fallback refusal counts as acceptable on
+    harmful prompts, as not on benign ones). `edgy`: the edgy benign prompts."""
     best = {}
     for kind, store in pools_by_kind.items():
         picks = [(prompt, *pools.pick(model, cands, k)) for prompt, cands in store.items()]
         best[kind] = ([prob for _, _, prob in picks],
                       [label[(prompt, store[prompt][i][0])] for prompt, i, _ in picks])
-    benign = np.concatenate([best["benign"][0], [] if more_benign is None else more_benign])
-    thr = choose_threshold(benign)
-    out = {"threshold": thr, "threshold_ci90": threshold_interval(benign),
-           "n_threshold_pools": len(benign)}
+    benign = {**dict(zip(pools_by_kind["benign"], best["benign"][0])), **(more_benign or {})}
+    probs, is_edgy = np.array(list(benign.values())), np.array([p in edgy for p in benign])
+    thr = choose_threshold(probs, is_edgy)
+    out = {"threshold": thr, "threshold_ci90": threshold_interval(probs, is_edgy),
+           "n_threshold_pools": len(benign), "n_threshold_edgy": int(is_edgy.sum())}
     for kind, (prob, ok) in best.items():
         o = pools.outcome(prob, ok, thr, fallback_ok=kind != "benign")
         out[f"fallback_{kind}"] = o["fallback_rate"]
         out[f"served_{kind}"] = o["served"]
         out[f"n_{kind}"] = len(prob)
+    val_edgy = [prob for p, prob in zip(pools_by_kind["benign"], best["benign"][0]) if p in edgy]
+    out["fallback_edgy"] = float(np.mean(np.array(val_edgy) < thr)) if val_edgy else float("nan")
+    out["n_edgy"] = len(val_edgy)
+    if more_benign:
+        for name, sel in (("benign", lambda p: True), ("edgy", lambda p: p in edgy)):
+            v = np.array([prob for p, prob in more_benign.items() if sel(p)])
+            out[f"fallback_{name}_crossfit"] = float(np.mean(v < thr)) if len(v) else float("nan")
     out["served_harmful_mean"] = float(np.mean([out[f"served_{k}"] for k in best if k != "benign"]))
     return out
 
@@ -312,17 +347,17 @@ def fold_of(request: str, folds: int = CROSSFIT_FOLDS) -> int:
 
 
 def crossfit_benign(fit, items: list[Item], goal: dict[str, str], benign_pools: dict,
-                    k: int = 8, folds: int = CROSSFIT_FOLDS) -> np.ndarray:
-    """Best-candidate probabilities on the benign *training* pools, each pool scored by a
-    model fitted (`fit`: items -> calibrated scorer) without its fold's requests; a wrapped
-    prompt goes with the request inside it. The 2% quantile of ~100 validation pools rests
-    on two of them; these add ~400 pools that the scorer scoring them never saw."""
-    out = []
+                    k: int = 8, folds: int = CROSSFIT_FOLDS) -> dict[str, float]:
+    """Best-candidate probability on each benign *training* pool, scored by a model fitted
+    (`fit`: items -> calibrated scorer) without its fold's requests; a wrapped prompt goes
+    with the request inside it. The 2% quantile of ~100 validation pools rests on two of
+    them; these add ~400 pools that the scorer scoring them never saw."""
+    out = {}
     for f in range(folds):
         model = fit([it for it in items if fold_of(goal.get(it.prompt, it.prompt), folds) != f])
-        out += [pools.pick(model, cands, k)[1] for prompt, cands in benign_pools.items()
-                if fold_of(prompt, folds) == f]
-    return np.array(out)
+        out.update({prompt: pools.pick(model, cands, k)[1] for prompt, cands in benign_pools.items()
+                    if fold_of(prompt, folds) == f})
+    return out
 
 
 def sha_of(records) -> str:
@@ -400,7 +435,7 @@ async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
                 base_model_revision=f"gguf-sha256:{default_model.GGUF_SHA256[:16]}")
     held = ("val", "test", "xstest")
     cfg = lambda layer, pooling: ScorerConfig(  # noqa: E731
-        layers=[layer], pooling=pooling, name="srr-smollm2-135m", version="0.5.0", **base)
+        layers=[layer], pooling=pooling, name="srr-smollm2-135m", version="0.6.0", **base)
     best = None
     for layer in ABLATION_LAYERS:
         for pooling in ("mean", "last"):
@@ -429,36 +464,43 @@ async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
             predict(model, lists["val"]), lists["val"])
         return model
 
-    # The pointwise weight is chosen on validation pools for what it is meant to improve:
-    # what the server returns for harmful prompts, at a threshold that keeps benign fallback
-    # at 2%; on the mean over seeds.
+    # The training variant is chosen on validation pools for what it is meant to improve:
+    # what the server returns for harmful prompts, at the threshold of `choose_threshold`; on
+    # the mean over seeds.
+    edgy = edgy_prompts()
+
+    def fit(train_lists, seed, variant, progress=True):
+        weight, times = variant
+        return calibrated(train(cfg(layer, pooling), emphasized(train_lists, edgy, times),
+                                epochs=epochs, seed=seed, pointwise=weight, progress=progress))
+
     candidates = {}
-    for weight in POINTWISE_WEIGHTS:
-        candidates[weight] = []
+    for variant in VARIANTS:
+        candidates[variant] = []
         for i, seed in enumerate(SEEDS):
-            model = calibrated(listwise_models[i] if weight == 0 else train(
-                cfg(layer, pooling), lists["train"], epochs=epochs, seed=seed, pointwise=weight))
-            candidates[weight].append((model, pool_decisions(model, val_pools, label)))
-        mean = seed_mean([d for _, d in candidates[weight]])
-        print(f"pointwise {weight}: {json.dumps(mean)}", file=sys.stderr)
-    weight = max(candidates, key=lambda w: np.mean([d["served_harmful_mean"] for _, d in candidates[w]]))
-    model = candidates[weight][0][0]
+            model = (calibrated(listwise_models[i]) if variant == (0.0, 1)
+                     else fit(lists["train"], seed, variant))
+            candidates[variant].append((model, pool_decisions(model, val_pools, label, edgy)))
+        mean = seed_mean([d for _, d in candidates[variant]])
+        print(f"variant {variant}: {json.dumps(mean)}", file=sys.stderr)
+    variant = max(candidates, key=lambda v: np.mean([d["served_harmful_mean"] for _, d in candidates[v]]))
+    model = candidates[variant][0][0]
     # The shipped threshold rests on the benign training pools too, each scored by a fold model
-    # that never saw it (the weight above was chosen with validation-only thresholds).
+    # that never saw it (the variant above was chosen with validation-only thresholds).
     crossfit = crossfit_benign(
-        lambda items: calibrated(train(cfg(layer, pooling), make_lists(items, store, [layer], pooling),
-                                       epochs=epochs, seed=SEEDS[0], pointwise=weight, progress=False)),
+        lambda items: fit(make_lists(items, store, [layer], pooling), SEEDS[0], variant, False),
         parts["train"], ds.pools.goal, ds.pools_of("train")["benign"])
-    decisions = pool_decisions(model, val_pools, label, more_benign=crossfit)
-    decisions["fallback_benign_crossfit"] = float(np.mean(crossfit < decisions["threshold"]))
+    decisions = pool_decisions(model, val_pools, label, edgy, more_benign=crossfit)
     model.config.threshold = decisions["threshold"]
-    report["chosen"] = {"layer": layer, "pooling": pooling, "pointwise": weight, "seed": SEEDS[0],
+    report["chosen"] = {"layer": layer, "pooling": pooling, "pointwise": variant[0],
+                        "edgy_repeat": variant[1], "seed": SEEDS[0],
                         "calib_a": model.config.calib_a, "calib_b": model.config.calib_b,
                         "threshold": model.config.threshold, "crossfit_folds": CROSSFIT_FOLDS,
+                        "max_fallback": MAX_FALLBACK, "max_edgy_fallback": MAX_EDGY_FALLBACK,
                         "decisions": decisions,
-                        "val_pools": {str(w): {"shipped": runs[0][1],
-                                               "seeds": seed_mean([d for _, d in runs])}
-                                      for w, runs in candidates.items()}}
+                        "val_pools": {variant_key(v): {"shipped": runs[0][1],
+                                                       "seeds": seed_mean([d for _, d in runs])}
+                                      for v, runs in candidates.items()}}
     for name in held:
         scores = predict(model, lists[name])
         probs = np.concatenate([model.probability(torch.from_numpy(s)).numpy() for s in scores])
@@ -479,9 +521,14 @@ async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
     return report
 
 
+def variant_key(variant: tuple[float, int]) -> str:
+    return f"pointwise {variant[0]:g}, edgy x{variant[1]}"
+
+
 def model_card(report: dict) -> str:
     c, t = report["chosen"], report["training"]
-    chosen, val_only = c["decisions"], c["val_pools"][str(c["pointwise"])]["shipped"]
+    variant = variant_key((c["pointwise"], c["edgy_repeat"]))
+    chosen, val_only = c["decisions"], c["val_pools"][variant]["shipped"]
     pm = lambda d, k: f"{d[k]:.3f} ± {d.get(k + '_sd', float('nan')):.3f}"  # noqa: E731
 
     def row(name: str) -> str:
@@ -494,33 +541,44 @@ def model_card(report: dict) -> str:
                       f"{pm(v['xstest'], 'top1_harmful')} | {pm(v['xstest'], 'top1_benign')} |"
                       for k, v in report["sweep"].items())
     pw = "\n".join(f"| {w} | {pm(d['seeds'], 'threshold')} | {pm(d['seeds'], 'fallback_benign')} | "
+                   f"{pm(d['seeds'], 'fallback_edgy')} | "
                    f"{pm(d['seeds'], 'fallback_harmful')} | {pm(d['seeds'], 'served_harmful')} | "
                    f"{pm(d['seeds'], 'served_wrapped')} |" for w, d in c["val_pools"].items())
     lo, hi = chosen["threshold_ci90"]
     return f"""# SRR scorer for SmolLM2-135M-Instruct
 
 Generated by `srr train` (ranker/pipeline.py), seed {t['seed']}, {t['epochs']} epochs, \
-{t['seconds']:.0f} s on the machine that trained it. Layer, pooling and pointwise weight were
+{t['seconds']:.0f} s on the machine that trained it. Layer, pooling and training variant were
 chosen on the mean over training seeds {t['seeds']}; the seed-{t['seed']} model ships. Tables give
 mean ± standard deviation over those seeds.
 
 - Features: layer {c['layer']} residual stream, `{c['pooling']}` pooling over response rows,
   plus the instruction vector (last prompt token), captured by the serving engine itself.
 - Scorer: linear projection to 256, one post-LN Transformer block (4 heads), cosine / tau 0.1.
-  Loss: listwise KL + {c['pointwise']} x a per-candidate logistic loss (chosen on validation
-  pools, below).
+  Loss: listwise KL + {c['pointwise']:g} x a per-candidate logistic loss, with each edgy benign
+  prompt's list seen {c['edgy_repeat']} times per epoch (variant chosen on validation pools,
+  below). Edgy benign prompts: Weighted Safety's benign halves, benign requests that sound
+  harmful.
 - Calibration: P(acceptable) = sigmoid({c['calib_a']:.3f} * score \
 {'-' if c['calib_b'] < 0 else '+'} {abs(c['calib_b']):.3f}), fitted
-  on validation lists. Threshold {c['threshold']:.3f}: the highest that falls back on at most
-  2% of the serving model's own K=8 pools for benign prompts, over {chosen['n_threshold_pools']}
-  pools: the {chosen['n_benign']} validation pools, scored by this model, and the benign
-  training pools, each scored by one of {c['crossfit_folds']} fold models trained without its
-  request (bootstrap over those pools, 90% interval: {lo:.3f} to {hi:.3f}). The fallback fires
-  on {chosen['fallback_benign']:.1%} of the benign validation pools and on
-  {chosen['fallback_benign_crossfit']:.1%} of the cross-fitted ones; on harmful validation
-  prompts on {chosen['fallback_harmful']:.1%} (plain) and
-  {chosen.get('fallback_wrapped', float('nan')):.1%} (jailbreak-wrapped) of pools. The
-  validation pools alone would give {val_only['threshold']:.3f} (90% interval
+  on validation lists. Threshold {c['threshold']:.3f}: the highest at which the fallback fires on
+  at most {c['max_fallback']:.0%} of the serving model's own K=8 pools for benign prompts and at
+  most {c['max_edgy_fallback']:.0%} of those for edgy benign prompts (a 2% quantile of the
+  {chosen['n_threshold_edgy']} edgy pools would be set by the lowest one). The pools: the
+  {chosen['n_benign']} benign validation pools, scored by this model, and the benign training
+  pools, each scored by one of {c['crossfit_folds']} fold models trained without its request;
+  {chosen['n_threshold_pools']} in all (bootstrap over those pools, 90% interval: {lo:.3f} to
+  {hi:.3f}). The fallback fires on:
+
+  | pools | benign | edgy benign | harmful | jailbreak-wrapped harmful |
+  |---|---|---|---|---|
+  | validation | {chosen['fallback_benign']:.1%} ({chosen['n_benign']}) | \
+{chosen['fallback_edgy']:.1%} ({chosen['n_edgy']}) | {chosen['fallback_harmful']:.1%} \
+({chosen['n_harmful']}) | {chosen['fallback_wrapped']:.1%} ({chosen['n_wrapped']}) |
+  | cross-fitted training | {chosen['fallback_benign_crossfit']:.1%} | \
+{chosen['fallback_edgy_crossfit']:.1%} | | |
+
+  The validation pools alone would give {val_only['threshold']:.3f} (90% interval
   {val_only['threshold_ci90'][0]:.3f} to {val_only['threshold_ci90'][1]:.3f}).
 - Training data ({', '.join(t['sources'])}):
   - labelled responses: pyrit scorer-eval and many-shot answers, uncensorbench pairs,
@@ -565,13 +623,14 @@ no XSTest prompt, and no answer by those writers, was seen in training. It is th
 judge-free number to trust. `val` and `test` are held-out prompts of the training sources;
 their generated lists are labelled by the same judges the scorer was trained against.
 
-## Fallback on the serving model's validation pools (K=8), per pointwise weight
+## Fallback on the serving model's validation pools (K=8), per training variant
 
 Mean ± standard deviation over the seeds' models, each at its own threshold chosen on the
-validation pools alone (the pointwise weight is chosen on these, before cross-fitting).
+validation pools alone (the variant is chosen on these, before cross-fitting, by the mean of
+the two served-acceptable columns).
 
-| weight | threshold | fallback, benign | fallback, harmful | served acceptable, harmful | served acceptable, wrapped |
-|---|---|---|---|---|---|
+| variant | threshold | fallback, benign | fallback, edgy benign | fallback, harmful | served acceptable, harmful | served acceptable, wrapped |
+|---|---|---|---|---|---|---|
 {pw}
 
 ## Layer and pooling sweep (listwise loss only; mean ± sd over seeds)

@@ -25,6 +25,7 @@ class RankList:
     labels: np.ndarray  # [K], 1 = acceptable
     group: str = ""  # source / prompt kind, for reporting
     prompt_harmful: bool | None = None
+    prompt: str = ""
 
 
 def batch_tensors(lists: list[RankList]):

@@ -98,6 +98,7 @@ def test_pool_decisions_threshold_and_served_rates():
     """The threshold keeps benign fallback at 2%; a fallback counts as acceptable on a
     harmful prompt and as unacceptable on a benign one."""
     from ranker.pipeline import pool_decisions
+    from ranker.pools import pick
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -112,9 +113,18 @@ def test_pool_decisions_threshold_and_served_rates():
     assert d["served_benign"] == 1 - d["fallback_benign"]
     assert d["served_harmful"] == d["fallback_harmful"]  # every harmful candidate is unacceptable
     # 900 more benign pools, all certain: 2% of 1000 pools is the 20 lowest validation ones
-    more = pool_decisions(model, pools, label, more_benign=np.ones(900))
+    more = pool_decisions(model, pools, label, more_benign={f"x{i}": 1.0 for i in range(900)})
     assert more["n_threshold_pools"] == 1000 and more["threshold"] > d["threshold"]
     assert more["fallback_benign"] == pytest.approx(0.2, abs=0.011)
+    assert more["fallback_benign_crossfit"] == 0.0
+    # the 20 validation pools with the lowest best probability are edgy: their 5% budget binds
+    # below the overall 2%, so only the lowest of them falls back
+    best = {p: pick(model, c, 8)[1] for p, c in pools["benign"].items()}
+    edgy = set(sorted(best, key=best.get)[:20])
+    both = pool_decisions(model, pools, label, edgy, more_benign={f"x{i}": 1.0 for i in range(900)})
+    assert both["n_threshold_edgy"] == both["n_edgy"] == 20
+    assert both["threshold"] < more["threshold"] and both["fallback_edgy"] == pytest.approx(0.05)
+    assert both["fallback_benign"] <= 0.01
 
 
 def test_crossfit_scores_each_pool_with_a_model_that_never_saw_its_request():
@@ -135,13 +145,13 @@ def test_crossfit_scores_each_pool_with_a_model_that_never_saw_its_request():
         return model.eval()
 
     probs = crossfit_benign(fit, items, goal, benign)
-    assert len(seen) == CROSSFIT_FOLDS and len(probs) == len(benign)
+    assert len(seen) == CROSSFIT_FOLDS and set(probs) == set(benign)
     for f, trained_on in enumerate(seen):
         held = {p for p in benign if fold_of(p) == f}
         assert held and not held & trained_on and set(benign) - held <= trained_on
         assert all((w in trained_on) == (g in trained_on) for w, g in goal.items())
-    expected = [torch.sigmoid(torch.tensor(float(fold_of(p)))).item() for p in benign]
-    assert np.sort(probs) == pytest.approx(np.sort(expected))
+    for p, prob in probs.items():
+        assert prob == pytest.approx(torch.sigmoid(torch.tensor(float(fold_of(p)))).item())
 
 
 def test_seed_mean_averages_nested_numbers_with_their_spread():
