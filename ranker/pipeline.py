@@ -56,7 +56,7 @@ VARIANTS = ((0.0, 1), (1.0, 1), (3.0, 1), (1.0, 5))
 MAX_FALLBACK = 0.02  # on benign pools overall
 # On edgy benign pools alone: ~50 pools, so a 2% quantile would be set by the lowest one.
 MAX_EDGY_FALLBACK = 0.05
-# Every choice (layer, pooling, pointwise weight) is made on the mean over these training
+# Every choice (layer, pooling, training variant) is made on the mean over these training
 # seeds: one run's choice swung with float16 rounding of its inputs (README, "Variance").
 # The model trained with the first seed ships.
 SEEDS = (SEED, SEED + 1, SEED + 2)
