@@ -294,3 +294,12 @@ def test_auroc_and_linear_probe():
     x = rng.normal(size=(200, 5))
     labels = (x[:, 2] > 0).astype(float)
     assert auroc(fit_logistic(x, labels)(x), labels) > 0.99
+
+
+def test_emphasized_repeats_only_the_named_prompts_lists():
+    from ranker.pipeline import emphasized
+
+    lists = [RankList(np.zeros(2), np.zeros((2, 2)), np.array([0, 1]), prompt=p) for p in "abc"]
+    out = emphasized(lists, {"b"}, 5)
+    assert [x.prompt for x in out].count("b") == 5 and len(out) == 7
+    assert emphasized(lists, {"b"}, 1) == lists
