@@ -320,7 +320,8 @@ def pool_decisions(model, pools_by_kind: dict[str, dict], label: dict, edgy: set
         picks = [(prompt, *pools.pick(model, cands, k)) for prompt, cands in store.items()]
         best[kind] = ([prob for _, _, prob in picks],
                       [label[(prompt, store[prompt][i][0])] for prompt, i, _ in picks])
-    benign = {**dict(zip(pools_by_kind["benign"], best["benign"][0])), **(more_benign or {})}
+    val_benign = dict(zip(pools_by_kind["benign"], best["benign"][0]))
+    benign = {**val_benign, **(more_benign or {})}
     probs, is_edgy = np.array(list(benign.values())), np.array([p in edgy for p in benign])
     thr = choose_threshold(probs, is_edgy)
     out = {"threshold": thr, "threshold_ci90": threshold_interval(probs, is_edgy),
@@ -330,13 +331,15 @@ def pool_decisions(model, pools_by_kind: dict[str, dict], label: dict, edgy: set
         out[f"fallback_{kind}"] = o["fallback_rate"]
         out[f"served_{kind}"] = o["served"]
         out[f"n_{kind}"] = len(prob)
-    val_edgy = [prob for p, prob in zip(pools_by_kind["benign"], best["benign"][0]) if p in edgy]
-    out["fallback_edgy"] = float(np.mean(np.array(val_edgy) < thr)) if val_edgy else float("nan")
-    out["n_edgy"] = len(val_edgy)
+    def fallback_rate(probs_by_prompt: dict[str, float]) -> float:
+        v = np.array(list(probs_by_prompt.values()))
+        return float(np.mean(v < thr)) if len(v) else float("nan")
+
+    val_edgy = {p: prob for p, prob in val_benign.items() if p in edgy}
+    out["fallback_edgy"], out["n_edgy"] = fallback_rate(val_edgy), len(val_edgy)
     if more_benign:
-        for name, sel in (("benign", lambda p: True), ("edgy", lambda p: p in edgy)):
-            v = np.array([prob for p, prob in more_benign.items() if sel(p)])
-            out[f"fallback_{name}_crossfit"] = float(np.mean(v < thr)) if len(v) else float("nan")
+        out["fallback_benign_crossfit"] = fallback_rate(more_benign)
+        out["fallback_edgy_crossfit"] = fallback_rate({p: v for p, v in more_benign.items() if p in edgy})
     out["served_harmful_mean"] = float(np.mean([out[f"served_{k}"] for k in best if k != "benign"]))
     return out
 
