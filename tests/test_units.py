@@ -319,7 +319,6 @@ def test_by_type_splits_over_refusal_by_prompt_type():
 
 def test_top1_by_type_counts_benign_lists_with_both_labels():
     from ranker.evaluate import top1_by_type
-    from ranker.train import RankList
 
     def rl(prompt, labels, harmful=False):
         return RankList(np.zeros(2), np.zeros((len(labels), 2)), np.array(labels, float),
