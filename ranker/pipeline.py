@@ -98,7 +98,7 @@ def advbench_sets(n: int) -> tuple[list[str], list[str]]:
 
 
 def benign_prompts(eval_prompts: list[str]) -> list[str]:
-    prompts = ([p.text for p in data.load_writingbench()]
+    prompts = ([p.text for p in data.load_writingbench()] + [p.text for p in data.load_freshqa()]
                + [r.prompt for r in data.load_rho_refusal() if r.prompt_harmful is False]
                + [p.text for p in data.load_weighted_safety() if not p.harmful])
     return [p.prompt for p in data.remove_overlap(
@@ -438,7 +438,7 @@ async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
                 base_model_revision=f"gguf-sha256:{default_model.GGUF_SHA256[:16]}")
     held = ("val", "test", "xstest")
     cfg = lambda layer, pooling: ScorerConfig(  # noqa: E731
-        layers=[layer], pooling=pooling, name="srr-smollm2-135m", version="0.6.0", **base)
+        layers=[layer], pooling=pooling, name="srr-smollm2-135m", version="0.7.0", **base)
     best = None
     for layer in ABLATION_LAYERS:
         for pooling in ("mean", "last"):

