@@ -113,7 +113,7 @@ def verify(name: str, cache_dir: Path | None = None) -> bool:
         manifest = json.loads((dest / "manifest.json").read_text(encoding="utf-8"))
         files: dict[str, str] = manifest["files"]
         return (manifest["archive_sha256"] == PACKAGES[name].sha256 and bool(files)
-                and all(any(fnmatch(f, p) for f in files) for p in PACKAGES[name].members)
+                and not _unmatched(PACKAGES[name].members, files)
                 and all(_sha256((dest / rel).read_bytes()) == h for rel, h in files.items()))
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -163,6 +163,11 @@ def _members(archive: Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
                     yield m.name.split("/", 1)[-1], f.read
 
 
+def _unmatched(patterns: Sequence[str], files: Iterable[str]) -> list[str]:
+    """The patterns no file matches."""
+    return [p for p in patterns if not any(fnmatch(f, p) for f in files)]
+
+
 def _extract(archive: Path, patterns: Sequence[str], out: Path) -> dict[str, str]:
     files: dict[str, str] = {}
     for name, read in _members(archive):
@@ -175,7 +180,7 @@ def _extract(archive: Path, patterns: Sequence[str], out: Path) -> dict[str, str
         (out / name).write_bytes(data)
         files[name] = _sha256(data)
     # A pattern that matches nothing means the layout moved: fail rather than load less.
-    if missing := [p for p in patterns if not any(fnmatch(n, p) for n in files)]:
+    if missing := _unmatched(patterns, files):
         raise RuntimeError(f"{archive.name} has no files matching {missing}")
     return files
 
