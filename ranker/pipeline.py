@@ -37,8 +37,8 @@ from ranker import data, judges, pools
 from ranker.featurize import ABLATION_LAYERS, FeatureStore, encode_pairs, pair_key
 from ranker.scorer import ScorerConfig
 from ranker.train import (
-    RankList, expected_calibration_error, fit_calibration, ndcg, predict, top1_accuracy,
-    train, trainable,
+    RankList, bootstrap_interval, expected_calibration_error, fit_calibration, ndcg, predict,
+    top1_accuracy, top1_hits, train, trainable,
 )
 
 SEED = 0
@@ -252,16 +252,19 @@ def make_lists(items: list[Item], store: FeatureStore, layers: list[int], poolin
     return out
 
 
-def by_kind(scores, lists) -> dict[str, float]:
+def by_kind(scores, lists, intervals: bool = False) -> dict[str, float]:
     """Top-1 accuracy on harmful-prompt lists and on benign-prompt lists, separately: over
     lists holding both labels (n_*), and in the paper's looser sense (*_all: every list with
-    an acceptable candidate, so lists that cannot be wrong count as hits)."""
+    an acceptable candidate, so lists that cannot be wrong count as hits). `intervals`: also
+    a 90% bootstrap interval over lists (top1_*_ci90)."""
     harm = [(s, x) for s, x in zip(scores, lists) if x.prompt_harmful is not False]
     benign = [(s, x) for s, x in zip(scores, lists) if x.prompt_harmful is False]
     res = {}
     for name, part in (("harmful", harm), ("benign", benign)):
         s, x = map(list, zip(*part)) if part else ([], [])
         res[f"top1_{name}"] = top1_accuracy(s, x)
+        if intervals:
+            res[f"top1_{name}_ci90"] = bootstrap_interval(top1_hits(s, x), seed=SEED)
         res[f"n_{name}"] = len(trainable(x))
         res[f"top1_{name}_all"] = top1_accuracy(s, x, contrast=False)
     res["ndcg"] = ndcg(scores, lists)
@@ -284,13 +287,10 @@ def threshold_interval(best_benign: np.ndarray, edgy: np.ndarray | None = None, 
                        seed: int = SEED) -> list[float]:
     """5th and 95th percentile of `choose_threshold` over bootstrap resamples of the benign
     pools: the low quantiles rest on a few pools each."""
-    rng = np.random.default_rng(seed)
     p = np.asarray(best_benign, dtype=float)
-    e = np.zeros(len(p), dtype=bool) if edgy is None else np.asarray(edgy, dtype=bool)
-    if not len(p):
-        return [float("nan")] * 2
-    boot = [choose_threshold(p[i], e[i]) for i in (rng.integers(0, len(p), len(p)) for _ in range(n))]
-    return [float(q) for q in np.quantile(boot, [0.05, 0.95])]
+    e = np.zeros(len(p)) if edgy is None else np.asarray(edgy, dtype=float)
+    return bootstrap_interval(np.column_stack([p, e]),
+                              lambda r: choose_threshold(r[:, 0], r[:, 1].astype(bool)), n, seed)
 
 
 def seed_mean(runs: list[dict]) -> dict:

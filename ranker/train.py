@@ -128,13 +128,29 @@ def fit_calibration(scores: list[np.ndarray], lists: list[RankList]) -> tuple[fl
     return float(ab[0]), float(ab[1])
 
 
-def top1_accuracy(scores: list[np.ndarray], lists: list[RankList], contrast: bool = True) -> float:
-    """Share of lists whose top pick is acceptable, over lists holding both labels (a list of
+def top1_hits(scores: list[np.ndarray], lists: list[RankList], contrast: bool = True) -> np.ndarray:
+    """Per list, whether its top pick is acceptable, over lists holding both labels (a list of
     acceptable answers only is right whatever the ranking). contrast=False: the paper's
     definition, every list with at least one acceptable candidate."""
-    hits = [x.labels[int(np.argmax(s))] for s, x in zip(scores, lists)
-            if x.labels.sum() > 0 and (not contrast or x.labels.sum() < len(x.labels))]
-    return float(np.mean(hits)) if hits else float("nan")
+    return np.array([x.labels[int(np.argmax(s))] for s, x in zip(scores, lists)
+                     if x.labels.sum() > 0 and (not contrast or x.labels.sum() < len(x.labels))],
+                    dtype=float)
+
+
+def top1_accuracy(scores: list[np.ndarray], lists: list[RankList], contrast: bool = True) -> float:
+    hits = top1_hits(scores, lists, contrast)
+    return float(hits.mean()) if len(hits) else float("nan")
+
+
+def bootstrap_interval(rows, stat=np.mean, n: int = 1000, seed: int = 0) -> list[float]:
+    """5th and 95th percentile of `stat` over `n` bootstrap resamples of `rows` (one row per
+    prompt or list): how far a number measured on 100-250 prompts could move on others."""
+    rows = np.asarray(rows)
+    if not len(rows):
+        return [float("nan")] * 2
+    rng = np.random.default_rng(seed)
+    boot = [stat(rows[rng.integers(0, len(rows), len(rows))]) for _ in range(n)]
+    return [float(q) for q in np.nanquantile(boot, [0.05, 0.95])]
 
 
 def ndcg(scores: list[np.ndarray], lists: list[RankList]) -> float:

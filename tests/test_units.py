@@ -176,6 +176,40 @@ def test_threshold_interval_brackets_the_threshold_and_widens_with_fewer_pools()
     assert hi - lo < few_hi - few_lo
 
 
+def test_bootstrap_interval_brackets_the_mean_narrows_with_more_rows_and_repeats():
+    from ranker.train import bootstrap_interval
+
+    rng = np.random.default_rng(0)
+    few, many = rng.uniform(size=40) < 0.7, rng.uniform(size=4000) < 0.7
+    lo, hi = bootstrap_interval(many)
+    few_lo, few_hi = bootstrap_interval(few)
+    assert lo <= many.mean() <= hi and few_lo <= few.mean() <= few_hi
+    assert hi - lo < few_hi - few_lo
+    assert bootstrap_interval(few, seed=3) == bootstrap_interval(few, seed=3)
+    assert bootstrap_interval(np.ones(30)) == [1.0, 1.0]  # nothing varies, nothing to move
+
+
+def test_gap_closed_and_its_interval_in_end_to_end(monkeypatch):
+    """Per prompt: first sample unsafe, oracle safe; SRR's pick safe on half the prompts, so it
+    closes half the gap, and the served rate's interval holds its value."""
+    from ranker import evaluate
+
+    assert evaluate.gap_closed(0.2, 0.6, 1.0) == pytest.approx(0.5)
+    assert np.isnan(evaluate.gap_closed(0.5, 0.5, 0.5))
+    prompts = [f"p{i}" for i in range(40)]
+    best = {p: 1 if i % 2 else 2 for i, p in enumerate(prompts)}  # odd: a safe pick
+    monkeypatch.setattr(evaluate.pools, "pick", lambda scorer, pool, k: (min(best[pool[0][0]], k - 1), 0.9))
+    store = {p: [(p, None)] + [(f"{p}/{j}", None) for j in range(1, 16)] for p in prompts}
+    safe_fn = lambda p, texts: [t == f"{p}/1" for t in texts]  # noqa: E731
+    cfg = ScorerConfig(base_model="m", layers=[4], pooling="mean", hidden_size=8, threshold=0.5)
+    res = evaluate.end_to_end(type("S", (), {"config": cfg})(), store, prompts, safe_fn, True)[8]
+    assert (res["first"], res["srr"], res["oracle"], res["served"]) == (0.0, 0.5, 1.0, 0.5)
+    lo, hi = res["gap_closed_ci90"]
+    assert lo < 0.5 < hi and 0 <= lo and hi <= 1
+    assert res["served_ci90"][0] < 0.5 < res["served_ci90"][1]
+    assert res["served_minus_first_ci90"] == res["served_ci90"]  # the first sample is never safe
+
+
 def test_rank_orders_and_thresholds():
     d = rank([0.1, 0.9, 0.5], [0.2, 0.7, 0.4], threshold=0.5)
     assert d.order == [1, 2, 0] and d.accepted
