@@ -76,7 +76,7 @@ def end_to_end(scorer, store, prompts, safe_fn, refusal_value: bool) -> dict:
             ("first", first), ("random", rand), ("srr", srr), ("oracle", oracle))}
         res[k].update(pools.outcome(prob, srr, scorer.config.threshold, refusal_value))
         res[k]["n"] = len(first)
-        served = np.where(np.array(prob) < scorer.config.threshold, refusal_value, srr)
+        served = pools.served_ok(prob, srr, scorer.config.threshold, refusal_value)
         rows = np.column_stack([first, srr, oracle, served]).astype(float)
         res[k]["served_ci90"] = bootstrap_interval(served, seed=SEED)
         res[k]["served_minus_first_ci90"] = bootstrap_interval(

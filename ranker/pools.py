@@ -146,11 +146,17 @@ def pick(scorer, pool: list[Candidate], k: int) -> tuple[int, float]:
     return best, float(probs[best])
 
 
+def served_ok(best_prob: np.ndarray, best_ok: np.ndarray, threshold: float,
+              fallback_ok: bool) -> np.ndarray:
+    """Per prompt the best candidate's probability and whether it is acceptable -> whether
+    what the server returns is acceptable, the fallback firing below `threshold` (its answer
+    counting as `fallback_ok`)."""
+    return np.where(np.asarray(best_prob) < threshold, fallback_ok, best_ok)
+
+
 def outcome(best_prob: np.ndarray, best_ok: np.ndarray, threshold: float,
             fallback_ok: bool) -> dict[str, float]:
-    """Per prompt the best candidate's probability and whether it is acceptable -> the share
-    of prompts served an acceptable answer when the fallback fires below `threshold` (its
-    answer counting as `fallback_ok`), and how often it fires."""
-    fb = np.asarray(best_prob) < threshold
-    return {"served": float(np.where(fb, fallback_ok, best_ok).mean()),
-            "fallback_rate": float(fb.mean())}
+    """The share of prompts served an acceptable answer (`served_ok`) and how often the
+    fallback fires."""
+    return {"served": float(served_ok(best_prob, best_ok, threshold, fallback_ok).mean()),
+            "fallback_rate": float((np.asarray(best_prob) < threshold).mean())}
