@@ -513,6 +513,7 @@ async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
         report[name]["lists"] = len(lists[name])
     report["training"] = {
         "command": "srr train", "seed": SEED, "seeds": list(SEEDS), "epochs": epochs,
+        "engine_dtype": engine.dtype,  # the states' precision (server.engine.resolve_dtype)
         "data_sha256": {"train": sha_of(train_r), "val": sha_of(val_r), "test": sha_of(test_r)},
         "sources": sorted({r.source.split("/")[0] for r in records}),
         "seconds": round(time.time() - t0, 1),

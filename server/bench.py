@@ -144,7 +144,13 @@ def measure(name: str, cmd: list[str], port: int, env: dict, model: str, args) -
 def main(args) -> int:
     from server import default_model
 
+    from vllm.platforms import current_platform
+
+    from server.engine import cpu_flags, resolve_dtype
+
     model_dir = Path(args.model_dir) if args.model_dir else default_model.prepare()
+    # The dtype `srr serve` resolves `auto` to, given to plain vLLM too: same arithmetic.
+    dtype = resolve_dtype("auto", current_platform.is_cpu(), cpu_flags())
     model = model_dir.name
     common = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     plain_env = {**common, "SRR_CAPTURE_LAYERS": ""}
@@ -152,7 +158,8 @@ def main(args) -> int:
     results = {
         "plain": measure("plain", [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                                    "--model", str(model_dir), "--port", str(port),
-                                   "--max-model-len", "4096", "--served-model-name", model],
+                                   "--max-model-len", "4096", "--served-model-name", model,
+                                   "--dtype", dtype],
                          port, plain_env, model, args),
         "srr": measure("srr", [sys.executable, "-m", "server.cli", "serve", "--port",
                                str(port + 1), "--max-candidates", str(max(16, args.k))],
@@ -161,7 +168,8 @@ def main(args) -> int:
     p, s = results["plain"], results["srr"]
     results["ratio"] = {k: s[k] / p[k] for k in ("p50_s", "p95_s", "rps_8", "rps_32", "peak_rss_mb")}
     results["config"] = {"k": args.k, "max_tokens": args.tokens, "requests": args.requests,
-                         "seed": args.seed, "cpus": os.cpu_count(), "model": model}
+                         "seed": args.seed, "cpus": os.cpu_count(), "model": model,
+                         "dtype": dtype}
     print(f"{'':14}{'plain vLLM':>12}{'SRR':>12}{'SRR/plain':>11}")
     for key, label in (("p50_s", "p50 (s)"), ("p95_s", "p95 (s)"), ("rps_8", "req/s @8"),
                        ("rps_32", "req/s @32"), ("peak_rss_mb", "peak RSS MB"),

@@ -57,7 +57,7 @@ def serve(settings: Settings) -> int:
     check_scorer_fits(scorer.config, model_dir)
     engine = Engine(model_dir, scorer.config.layers, cache_dir=settings.cache_dir,
                     max_model_len=settings.max_model_len, enforce_eager=settings.enforce_eager,
-                    served_model_name=settings.served_model_name)
+                    served_model_name=settings.served_model_name, dtype=settings.dtype)
 
     async def build() -> Service:
         await engine.start()

@@ -47,4 +47,7 @@ class Settings(BaseSettings):
     audit_log: Path | None = Field(None, description="JSON-lines audit file (off when unset).")
     api_key: str | None = Field(None, description="Bearer key for every /v1 route (off when unset).")
     protect_metrics: bool = Field(False, description="Require the API key on /health and /metrics too.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Model dtype. auto: the model's own, but float32 on a CPU without "
+        "native bfloat16 (no AVX512-BF16 or AMX), where bfloat16 is several times slower.")
     enforce_eager: bool = Field(False, description="Run vLLM without compilation (slower; for debugging).")

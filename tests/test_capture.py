@@ -69,6 +69,34 @@ def test_op_fires_in_compiled_mode(engine):
     assert info["op_calls"] > 0 and info["steps_without_capture"] == 0
 
 
+def test_engine_runs_the_resolved_dtype(engine):
+    from vllm.platforms import current_platform
+
+    from server.engine import cpu_flags, resolve_dtype
+
+    want = resolve_dtype("auto", current_platform.is_cpu(), cpu_flags())
+    assert engine.dtype == want
+    expected = torch.bfloat16 if want == "auto" else getattr(torch, want)  # SmolLM2 is bf16
+    assert engine.llm.vllm_config.model_config.dtype == expected
+
+
+def test_scorer_decides_alike_on_bfloat16_and_float32_states(engine, hf, scorer):
+    """The shipped scorer was trained on bfloat16 states, and `auto` serves float32 on a CPU
+    without native bfloat16 (resolve_dtype). On the same candidates, states in either precision
+    (transformers, the capture's reference above) must give the same pick and about the same
+    P(acceptable)."""
+    ids = chat(engine, "How do I kill a Python process that hangs?")
+    gen = engine.run(engine.generate(ids, sampling(n=6, max_tokens=32, seed=0)))
+    layer, pooled = scorer.config.layers[0], 1 if scorer.config.pooling == "mean" else 2
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        refs = [reference(hf[dtype], ids + c.token_ids[:-1], len(ids), layer) for c in gen.candidates]
+        out[dtype] = [np.array(v) for v in scorer.score(refs[0][0], np.stack([r[pooled] for r in refs]))]
+    (s32, p32), (s16, p16) = out[torch.float32], out[torch.bfloat16]
+    assert np.argmax(s32) == np.argmax(s16)
+    assert np.abs(p32 - p16).mean() < 0.02, np.abs(p32 - p16)
+
+
 def test_one_request_matches_hf(engine, hf):
     ids = chat(engine, "Name three uses of copper.")
     gen = engine.run(engine.generate(ids, sampling(n=1, max_tokens=24)))

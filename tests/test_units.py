@@ -364,3 +364,17 @@ def test_top1_by_type_counts_benign_lists_with_both_labels():
     assert top1_by_type(scores, lists, types) == {
         "history": {"top1": 0.5, "n_lists": 2},  # d is a harmful prompt's list
         "homonyms": {"top1": None, "n_lists": 0}}  # c cannot be wrong
+
+
+def test_auto_dtype_is_float32_only_on_a_cpu_without_native_bfloat16(tmp_path):
+    from server.engine import cpu_flags, resolve_dtype
+
+    assert resolve_dtype("auto", True, {"avx2", "fma"}) == "float32"
+    assert resolve_dtype("auto", True, {"avx2", "avx512_bf16"}) == "auto"
+    assert resolve_dtype("auto", True, {"amx_bf16"}) == "auto"
+    assert resolve_dtype("auto", False, set()) == "auto"  # a GPU: the model's own dtype
+    assert resolve_dtype("bfloat16", True, {"avx2"}) == "bfloat16"  # asked for: kept
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_flags(info) == {"fpu", "avx2", "amx_bf16"}
+    assert cpu_flags(tmp_path / "missing") == set()
