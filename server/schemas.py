@@ -107,8 +107,8 @@ class SRRInfo(BaseModel):
     candidate_texts: list[str] | None = None
     candidate_finish_reasons: list[str | None] | None = Field(
         None, description="With return_candidates: 'length' marks a candidate cut by max_tokens.")
-    candidate_tokens: list[int] | None = Field(
-        None, description="With return_candidates: tokens generated per candidate.")
+    candidate_token_ids: list[list[int]] | None = Field(
+        None, description="With return_candidates: the token ids each candidate sampled.")
 
 
 class ChatMessageOut(BaseModel):

@@ -162,7 +162,7 @@ class Service:
         if opts and opts.return_candidates:
             info.candidate_texts = [c.text for c in gen.candidates]
             info.candidate_finish_reasons = [c.finish_reason for c in gen.candidates]
-            info.candidate_tokens = [len(c.token_ids) for c in gen.candidates]
+            info.candidate_token_ids = [c.token_ids for c in gen.candidates]
         if scored.scores:
             metrics.SCORING_SECONDS.observe(scored.seconds)
             metrics.SELECTED_SCORE.observe(max(scored.probabilities))
