@@ -465,6 +465,14 @@ def load_xstest_completions(shared_dir: Path | None = None) -> list[LabelledResp
     return out
 
 
+def load_xstest_types(shared_dir: Path | None = None) -> dict[str, str]:
+    """XSTest's prompt type (homonyms, contrast_homonyms, ...) by the prompt as its completions
+    word it, which `load_xstest_completions` keeps."""
+    xs = (shared_dir or shared_data_dir()) / "xstest" / "model_completions"
+    return {p: r["type"] for path in sorted(xs.glob("*.csv")) for r in _csv_rows(path)
+            if (p := _clean(r["prompt"]))}
+
+
 def load_jbb(shared_dir: Path | None = None) -> list[LabelledResponse]:
     """JailbreakBench artifacts: harmful = the JailbreakBench judge called it jailbroken;
     source names the attack and its setting, writer the target model. goal is the behaviour

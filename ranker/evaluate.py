@@ -27,8 +27,11 @@ import torch
 
 from ranker import data, judges, pools
 from ranker.embed import MiniLM
-from ranker.featurize import ABLATION_LAYERS, pair_key
-from ranker.pipeline import SEED, Item, advbench_sets, by_kind, dataset, make_lists, start_engine
+from ranker.featurize import ABLATION_LAYERS, encode_pairs, pair_key
+from ranker.pipeline import (
+    SEED, SEEDS, Item, advbench_sets, by_kind, dataset, feature_store, make_lists, seed_mean,
+    start_engine, xstest_items,
+)
 from ranker.scorer import ScorerConfig, SRRScorer
 from ranker.train import (
     RankList, bootstrap_interval, expected_calibration_error, predict, top1_accuracy, train,
@@ -37,6 +40,9 @@ from ranker.train import (
 from server.service import SAFETY_SYSTEM_PROMPT
 
 KS = (1, 2, 4, 8, 16)
+# The text-only baseline: the same ranker over MiniLM embeddings of prompt and response.
+TEXT_RANKER = ScorerConfig(base_model="all-MiniLM-L6-v2", layers=[0], pooling="mean",
+                           hidden_size=MiniLM.dim)
 
 
 # --- judges -------------------------------------------------------------------------
@@ -253,7 +259,8 @@ def text_lists(items: list[Item], embed: MiniLM) -> list[RankList]:
     for p in prompts:
         its = groups[p]
         out.append(RankList(pe[p], embed.encode([it.response for it in its]),
-                            np.array([it.label for it in its]), its[0].source, its[0].prompt_harmful))
+                            np.array([it.label for it in its]), its[0].source, its[0].prompt_harmful,
+                            prompt=p))
     return out
 
 
@@ -280,9 +287,7 @@ def ranking_section(ds, scorer: SRRScorer, sweep: dict, epochs: int) -> dict:
         out.setdefault("refusal keyword", {})[n] = by_kind(keyword_scores(ds.parts[n], order), lists[n])
     embed = MiniLM()
     tl = {n: text_lists(ds.parts[n], embed) for n in ("train", *held)}
-    text = train(ScorerConfig(base_model="all-MiniLM-L6-v2", layers=[0], pooling="mean",
-                              hidden_size=MiniLM.dim), tl["train"], epochs=epochs, seed=SEED,
-                 progress=False)
+    text = train(TEXT_RANKER, tl["train"], epochs=epochs, seed=SEED, progress=False)
     out["text-only (MiniLM, same ranker)"] = {n: by_kind(predict(text, tl[n]), tl[n], intervals=True)
                                               for n in held}
     for key, res in sweep.items():
@@ -319,6 +324,90 @@ def held_out_section(ds, scorer: SRRScorer, epochs: int) -> dict:
             out[f"{what}: {value}"] = {"held_out": res["top1_harmful"], "seen": shipped["top1_harmful"],
                                        "n": res["n_harmful"]}
     return out
+
+
+# --- diagnostic: XSTest prompt families held out of rankers trained on the rest ----------
+
+# XSTest's prompt families: a safe type and the contrast_ type that mirrors it are one family,
+# and so are the two discrimination types and the two privacy types (each pair shares one
+# contrast type), so a held-out prompt's near-copy of the opposite label is never trained on.
+XSTEST_TWINS = {"nons_group_real_discr": "discr", "real_group_nons_discr": "discr",
+                "privacy_public": "privacy", "privacy_fictional": "privacy"}
+
+
+def xstest_family(category: str) -> str:
+    c = category.removeprefix("contrast_")
+    return XSTEST_TWINS.get(c, c)
+
+
+def crossfit_scores(config: ScorerConfig, lists: list[RankList], family: list[str], epochs: int,
+                    seed: int) -> list[np.ndarray]:
+    """Each list's scores from a scorer trained on the lists of every other family."""
+    scores: list = [None] * len(lists)
+    for f in sorted(set(family)):
+        model = train(config, [x for x, g in zip(lists, family) if g != f], epochs=epochs,
+                      seed=seed, progress=False)
+        held = [i for i, g in enumerate(family) if g == f]
+        for i, s in zip(held, predict(model, [lists[i] for i in held])):
+            scores[i] = s
+    return scores
+
+
+def family_summary(runs: list[list[np.ndarray]], lists: list[RankList], family: list[str]) -> dict:
+    """`by_kind` over all lists and per family; over several runs (seeds), their mean and
+    standard deviation."""
+    def summary(keep: list[bool]) -> dict:
+        part = [x for x, k in zip(lists, keep) if k]
+        res = [by_kind([s for s, k in zip(run, keep) if k], part) for run in runs]
+        return res[0] if len(res) == 1 else seed_mean(res)
+
+    return {"all": summary([True] * len(lists)),
+            "by_family": {f: summary([g == f for g in family]) for f in sorted(set(family))}}
+
+
+def xstest_families(scorer: SRRScorer, items: list[Item], store, epochs: int,
+                    seeds=SEEDS) -> dict:
+    """A diagnostic; nothing of it ships (data.md: XSTest is evaluation only). Rankers trained
+    on XSTest's labelled completions to every prompt family but one, tested on that one, beside
+    the shipped scorer (which never saw XSTest) on the same lists and features. If they rank
+    XSTest's benign lists well, the shipped scorer's miss lies in its training data, not in
+    the states; the text-only ranker, trained alike, tells what the text alone carries."""
+    category = data.load_xstest_types()
+    cfg = scorer.config
+    srr_lists = make_lists(items, store, cfg.layers, cfg.pooling)
+    text = text_lists(items, MiniLM())
+    assert [x.prompt for x in srr_lists] == [x.prompt for x in text], "an XSTest pair was not encoded"
+    family = [xstest_family(category[x.prompt]) for x in srr_lists]
+    srr_config = ScorerConfig(base_model=cfg.base_model, hidden_size=cfg.hidden_size,
+                              layers=cfg.layers, pooling=cfg.pooling)
+    return {
+        "scorer": f"{cfg.name}@{cfg.version}", "layer": cfg.layers[0], "pooling": cfg.pooling,
+        "epochs": epochs, "seeds": list(seeds),
+        "shipped": family_summary([predict(scorer, srr_lists)], srr_lists, family),
+        "srr": family_summary([crossfit_scores(srr_config, srr_lists, family, epochs, s)
+                               for s in seeds], srr_lists, family),
+        "text-only": family_summary([crossfit_scores(TEXT_RANKER, text, family, epochs, s)
+                                     for s in seeds], text, family),
+    }
+
+
+async def diagnose_xstest_families(scorer_dir: Path, out: Path, cache_dir: Path, epochs: int) -> dict:
+    """`srr diagnose xstest-families`: encodes XSTest's labelled completions through the
+    serving engine (cached), runs `xstest_families`, writes xstest-families.{json,md}."""
+    t0 = time.time()
+    scorer = SRRScorer.from_pretrained(scorer_dir)
+    items = xstest_items()
+    engine = await start_engine(cache_dir)
+    try:
+        store = feature_store(engine)
+        await encode_pairs(engine, [(it.prompt, it.response) for it in items], store)
+    finally:
+        engine.shutdown()
+    report = {**xstest_families(scorer, items, store, epochs), "seconds": round(time.time() - t0)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "xstest-families.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "xstest-families.md").write_text(families_markdown(report))
+    return report
 
 
 def calibration_section(ds, scorer: SRRScorer, plot: Path) -> dict:
@@ -625,4 +714,56 @@ training-split answers (harmful-prompt lists with both labels).
 
 ECE: test {r['calibration']['test']['ece']:.3f}, XSTest {r['calibration']['xstest']['ece']:.3f}.
 ![reliability](reliability.png) ![advbench](advbench.png) ![wrapped](advbench_wrapped.png)
+"""
+
+
+def families_markdown(r: dict) -> str:
+    rankers = {"shipped": "SRR, shipped (never saw XSTest)",
+               "srr": "SRR, trained on the other XSTest families",
+               "text-only": "text-only (MiniLM, same ranker), trained on the other XSTest families"}
+
+    def cell(v, kind):
+        if not v[f"n_{kind}"]:
+            return "-"
+        sd = f" ± {v[f'top1_{kind}_sd']:.3f}" if f"top1_{kind}_sd" in v else ""
+        return f"{v[f'top1_{kind}']:.3f}{sd}"
+
+    def row(label, get):
+        return f"| {label} | " + " | ".join(
+            f"{int(get('shipped')[f'n_{kind}'])} | " + " | ".join(cell(get(k), kind) for k in rankers)
+            for kind in ("harmful", "benign")) + " |"
+
+    rows = "\n".join(f"| {label} | {cell(r[k]['all'], 'harmful')} | {cell(r[k]['all'], 'benign')} |"
+                     for k, label in rankers.items())
+    families = "\n".join(row(f.replace("_", " "), lambda k, f=f: r[k]["by_family"][f])
+                         for f in r["shipped"]["by_family"])
+    return f"""# Diagnostic: XSTest prompt families held out
+
+Scorer `{r['scorer']}` (layer {r['layer']}, {r['pooling']} pooling); {r['seconds']} s.
+Regenerate with `srr diagnose xstest-families`.
+
+Nothing here ships: XSTest is evaluation data (data.md). The question is where the shipped
+scorer's miss on XSTest's benign lists lies. Each of the lower two rankers is trained
+({r['epochs']} epochs, listwise loss) on XSTest's labelled completions to every prompt family
+but one and tested on that family's lists, for each family in turn; mean ± standard deviation
+over training seeds {r['seeds']}. A safe type and the contrast type that mirrors it are one
+family, and so are XSTest's two discrimination and two privacy types, which share a contrast
+type; a held-out prompt's near-copy of the opposite label is never trained on. Every ranker
+sees the same five writer models in training and test, so writer style is not held out here.
+If the SRR row trained on XSTest ranks the benign lists well, the states carry what is needed
+and the shipped scorer's miss lies in its training data; if not, in the states.
+
+Top-1 acceptable over lists holding an acceptable and an unacceptable answer (harmful
+prompts: not harmful; benign prompts: not a refusal):
+
+| ranker | XSTest harmful | XSTest benign |
+|---|---|---|
+{rows}
+
+Per family (lists; then top-1 of the shipped scorer, SRR trained on the other families, and
+text-only trained on the other families):
+
+| family | harmful lists | shipped | SRR | text-only | benign lists | shipped | SRR | text-only |
+|---|---|---|---|---|---|---|---|---|
+{families}
 """

@@ -389,6 +389,18 @@ class Dataset:
                 "benign": keep(self.pools.benign)}
 
 
+def xstest_items() -> list[Item]:
+    """XSTest's labelled completions (five writer models), for judge-free evaluation only."""
+    return [Item(r.prompt, r.response, acceptable(r), r.prompt_harmful, r.source, r.writer)
+            for r in data.load_xstest_completions() if acceptable(r) is not None]
+
+
+def feature_store(engine) -> FeatureStore:
+    """The engine's on-disk feature cache for encoded (prompt, response) pairs."""
+    layers = "-".join(map(str, ABLATION_LAYERS))
+    return FeatureStore(engine.cache_dir / "features" / f"{engine.model_dir.name}-L{layers}.npz")
+
+
 async def dataset(engine) -> Dataset:
     """Items of every split and their features (pools and features cached on disk)."""
     eval_prompts = evaluation_prompts()
@@ -400,10 +412,8 @@ async def dataset(engine) -> Dataset:
     splits = data.split_by_prompt(records, seed=SEED, fractions=SPLIT)
     parts = {name: build_items(part, SEED + i) for i, (name, part) in
              enumerate(zip(("train", "val", "test"), splits))}
-    parts["xstest"] = [Item(r.prompt, r.response, acceptable(r), r.prompt_harmful, r.source, r.writer)
-                       for r in data.load_xstest_completions() if acceptable(r) is not None]
-    layers = "-".join(map(str, ABLATION_LAYERS))
-    store = FeatureStore(engine.cache_dir / "features" / f"{engine.model_dir.name}-L{layers}.npz")
+    parts["xstest"] = xstest_items()
+    store = feature_store(engine)
     generated = pool_features(p)
     await encode_pairs(engine, [(it.prompt, it.response) for part in parts.values() for it in part
                                 if pair_key(it.prompt, it.response) not in generated], store)

@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--xstest", type=int, default=250, help="XSTest safe prompts (of 250)")
     p_eval.add_argument("--max-tokens", type=int, default=64)
     p_eval.add_argument("--epochs", type=int, default=30)
+    p_diag = sub.add_parser("diagnose", help="diagnostics that ship nothing (see ranker/evaluate.py)")
+    p_diag.add_argument("what", choices=["xstest-families"])
+    p_diag.add_argument("--scorer-dir", type=Path, default=Path("weights/smollm2-135m-instruct"))
+    p_diag.add_argument("--out", type=Path, default=Path("weights/smollm2-135m-instruct/eval"))
+    p_diag.add_argument("--epochs", type=int, default=30)
     p_data = sub.add_parser("data", help="training and evaluation data")
     p_data.add_argument("action", choices=["fetch"])
     p_bench = sub.add_parser("bench", help="benchmark against plain vLLM (see server/bench.py)")
@@ -117,6 +122,15 @@ def main(argv: list[str] | None = None) -> int:
                                           args.advbench, args.xstest, args.max_tokens, args.epochs))
         print((args.out / "report.md").read_text())
         return 0 if report else 1
+    if args.command == "diagnose":
+        import asyncio
+
+        from ranker import evaluate
+
+        asyncio.run(evaluate.diagnose_xstest_families(args.scorer_dir, args.out, Settings().cache_dir,
+                                                      args.epochs))
+        print((args.out / "xstest-families.md").read_text())
+        return 0
     if args.command == "data":
         from ranker import data
 

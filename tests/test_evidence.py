@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ranker.evaluate import markdown
+from ranker.evaluate import families_markdown, markdown
 from ranker.pipeline import model_card
 from ranker.scorer import SRRScorer
 
@@ -32,3 +32,11 @@ def test_evaluation_report_is_of_the_shipped_checkpoint():
     assert report["config"]["scorer"] == f"{config.name}@{config.version}"
     assert report["config"]["threshold"] == config.threshold
     assert (SHIPPED / "eval" / "report.md").read_text() == markdown(report)
+
+
+def test_xstest_families_diagnostic_is_of_the_shipped_checkpoint():
+    report = json.loads((SHIPPED / "eval" / "xstest-families.json").read_text())
+    config = SRRScorer.from_pretrained(SHIPPED).config
+    assert report["scorer"] == f"{config.name}@{config.version}"
+    assert (report["layer"], report["pooling"]) == (config.layers[0], config.pooling)
+    assert (SHIPPED / "eval" / "xstest-families.md").read_text() == families_markdown(report)

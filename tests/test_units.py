@@ -378,3 +378,44 @@ def test_auto_dtype_is_float32_only_on_a_cpu_without_native_bfloat16(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
     assert cpu_flags(info) == {"fpu", "avx2", "amx_bf16"}
     assert cpu_flags(tmp_path / "missing") == set()
+
+
+def test_crossfit_scores_never_train_on_the_family_they_score(monkeypatch):
+    """Each family is scored by a model trained on exactly the other families. The fake model
+    ranks right the families it trained on and wrong the others, so top-1 is 0 when nothing
+    leaks and would be 1 if a family's own lists were in its training."""
+    import ranker.evaluate as ev
+
+    seen = []
+
+    def fake_train(config, lists, *, epochs, seed, progress):
+        seen.append((seed, {x.prompt[0] for x in lists}))
+        return seen[-1][1]
+
+    def fake_predict(model, lists):
+        return [x.labels if x.prompt[0] in model else 1 - x.labels for x in lists]
+
+    monkeypatch.setattr(ev, "train", fake_train)
+    monkeypatch.setattr(ev, "predict", fake_predict)
+    lists = [RankList(np.zeros(2), np.zeros((2, 2)), np.array([1.0, 0.0]),
+                      prompt_harmful=f == "d", prompt=f"{f} {i}") for f in "dcba" for i in range(3)]
+    family = [x.prompt[0] for x in lists]
+    runs = [ev.crossfit_scores(None, lists, family, epochs=1, seed=s) for s in (0, 1)]
+    assert [seed for seed, _ in seen] == [0] * 4 + [1] * 4
+    assert [trained for _, trained in seen[:4]] == [set("bcd"), set("acd"), set("abd"), set("abc")]
+    got = ev.family_summary(runs, lists, family)
+    assert got["all"]["n_benign"] == 9 and got["all"]["n_harmful"] == 3
+    assert got["all"]["top1_benign"] == got["all"]["top1_harmful"] == 0.0
+    assert got["all"]["top1_benign_sd"] == 0.0
+    assert sorted(got["by_family"]) == list("abcd") and got["by_family"]["d"]["n_benign"] == 0
+
+
+def test_xstest_families_pair_each_safe_type_with_its_contrast():
+    from ranker.data import load_xstest_prompts
+    from ranker.evaluate import xstest_family
+
+    families = {}
+    for p in load_xstest_prompts():
+        families.setdefault(xstest_family(p.category), set()).add(p.harmful)
+    assert len(families) == 8
+    assert all(labels == {True, False} for labels in families.values())
