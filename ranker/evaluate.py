@@ -17,6 +17,8 @@ trained on the labelled responses; both report agreement with XSTest's human lab
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import random
 import time
@@ -365,6 +367,51 @@ def family_summary(runs: list[list[np.ndarray]], lists: list[RankList], family: 
             "by_family": {f: summary([g == f for g in family]) for f in sorted(set(family))}}
 
 
+def by_writers(lists: list[RankList], writers: list[list[str]], keep: set[str]
+               ) -> tuple[list[RankList], list[int]]:
+    """The lists cut to the candidates of `keep` writers, and the index each came from."""
+    out, index = [], []
+    for i, (x, ws) in enumerate(zip(lists, writers)):
+        sel = [j for j, w in enumerate(ws) if w in keep]
+        if sel:
+            out.append(dataclasses.replace(x, candidates=x.candidates[sel], labels=x.labels[sel]))
+            index.append(i)
+    return out, index
+
+
+def crossfit_writer_pairs(config: ScorerConfig, lists: list[RankList], family: list[str],
+                          writers: list[list[str]], epochs: int, seed: int,
+                          shipped: SRRScorer | None = None) -> dict:
+    """Prompt family and writers both held out: for each pair of writers and each family, a
+    scorer trained on the other writers' answers to the other families ranks the pair's two
+    answers to the family's prompts. `by_kind` over all such two-answer lists and per pair
+    (with the pair's training lists that hold both labels, over all families), and the same
+    lists scored by `shipped` (which saw no XSTest writer) where given."""
+    names = sorted({w for ws in writers for w in ws})
+    tested, scores, pairs = [], [], {}
+    for pair in itertools.combinations(names, 2):
+        train_lists, train_index = by_writers(lists, writers, set(names) - set(pair))
+        test_lists, test_index = by_writers(lists, writers, set(pair))
+        pair_tested, pair_scores = [], []
+        for f in sorted(set(family)):
+            model = train(config, [x for x, i in zip(train_lists, train_index) if family[i] != f],
+                          epochs=epochs, seed=seed, progress=False)
+            held = [x for x, i in zip(test_lists, test_index) if family[i] == f]
+            pair_tested += held
+            pair_scores += predict(model, held)
+        contrast = trainable(train_lists)
+        pairs["+".join(pair)] = {
+            **by_kind(pair_scores, pair_tested),
+            "n_train_harmful": sum(x.prompt_harmful is not False for x in contrast),
+            "n_train_benign": sum(x.prompt_harmful is False for x in contrast)}
+        tested += pair_tested
+        scores += pair_scores
+    out = {"crossfit": by_kind(scores, tested), "pairs": pairs}
+    if shipped is not None:
+        out["shipped"] = by_kind(predict(shipped, tested), tested)
+    return out
+
+
 def xstest_families(scorer: SRRScorer, items: list[Item], store, epochs: int,
                     seeds=SEEDS) -> dict:
     """A diagnostic; nothing of it ships (data.md: XSTest is evaluation only). Rankers trained
@@ -378,9 +425,18 @@ def xstest_families(scorer: SRRScorer, items: list[Item], store, epochs: int,
     text = text_lists(items, MiniLM())
     assert [x.prompt for x in srr_lists] == [x.prompt for x in text], "an XSTest pair was not encoded"
     family = [xstest_family(category[x.prompt]) for x in srr_lists]
+    writers_of: dict[str, list[str]] = {}
+    for it in items:
+        writers_of.setdefault(it.prompt, []).append(it.writer)
+    writers = [writers_of[x.prompt] for x in srr_lists]
+    assert [len(w) for w in writers] == [len(x.labels) for x in srr_lists]
     srr_config = ScorerConfig(base_model=cfg.base_model, hidden_size=cfg.hidden_size,
                               layers=cfg.layers, pooling=cfg.pooling)
     return {
+        "writer_pairs": {
+            "srr": crossfit_writer_pairs(srr_config, srr_lists, family, writers, epochs, seeds[0],
+                                         shipped=scorer),
+            "text-only": crossfit_writer_pairs(TEXT_RANKER, text, family, writers, epochs, seeds[0])},
         "scorer": f"{cfg.name}@{cfg.version}", "layer": cfg.layers[0], "pooling": cfg.pooling,
         "epochs": epochs, "seeds": list(seeds),
         "shipped": family_summary([predict(scorer, srr_lists)], srr_lists, family),
@@ -737,6 +793,16 @@ def families_markdown(r: dict) -> str:
                      for k, label in rankers.items())
     families = "\n".join(row(f.replace("_", " "), lambda k, f=f: r[k]["by_family"][f])
                          for f in r["shipped"]["by_family"])
+    wp = r["writer_pairs"]
+    pair_rows = "\n".join(f"| {label} | {cell(v, 'harmful')} | {cell(v, 'benign')} |" for label, v in (
+        ("SRR, shipped (never saw XSTest)", wp["srr"]["shipped"]),
+        ("SRR, trained on the other writers' answers to the other families", wp["srr"]["crossfit"]),
+        ("text-only (MiniLM, same ranker), trained alike", wp["text-only"]["crossfit"])))
+    per_pair = "\n".join(
+        f"| {pair.replace('+', ', ')} | {v['n_train_harmful']} / {v['n_train_benign']} | "
+        + " | ".join(f"{v[f'n_{kind}']} | {cell(v, kind)} | {cell(wp['text-only']['pairs'][pair], kind)}"
+                     for kind in ("harmful", "benign")) + " |"
+        for pair, v in wp["srr"]["pairs"].items())
     return f"""# Diagnostic: XSTest prompt families held out
 
 Scorer `{r['scorer']}` (layer {r['layer']}, {r['pooling']} pooling); {r['seconds']} s.
@@ -748,9 +814,9 @@ scorer's miss on XSTest's benign lists lies. Each of the lower two rankers is tr
 but one and tested on that family's lists, for each family in turn; mean ± standard deviation
 over training seeds {r['seeds']}. A safe type and the contrast type that mirrors it are one
 family, and so are XSTest's two discrimination and two privacy types, which share a contrast
-type; a held-out prompt's near-copy of the opposite label is never trained on. Every ranker
-sees the same five writer models in training and test, so writer style is not held out here.
-If the SRR row trained on XSTest ranks the benign lists well, the states carry what is needed
+type; a held-out prompt's near-copy of the opposite label is never trained on. In the first
+two tables the rankers see the same five writer models in training and test, so a writer's
+style could stand in for the label; the last table holds the writers out too. If the SRR row trained on XSTest ranks the benign lists well, the states carry what is needed
 and the shipped scorer's miss lies in its training data; if not, in the states.
 
 Top-1 acceptable over lists holding an acceptable and an unacceptable answer (harmful
@@ -766,4 +832,25 @@ text-only trained on the other families):
 | family | harmful lists | shipped | SRR | text-only | benign lists | shipped | SRR | text-only |
 |---|---|---|---|---|---|---|---|---|
 {families}
+
+Prompt family and writers both held out (seed {r['seeds'][0]}): for each pair of the five
+writer models and each family, a ranker trained on the other three writers' answers to the
+other families ranks the pair's two answers to the family's prompts. Top-1 over those
+two-answer lists that hold both labels ({wp['srr']['crossfit']['n_harmful']} harmful,
+{wp['srr']['crossfit']['n_benign']} benign, over all pairs), beside the shipped scorer on the
+same lists:
+
+| ranker | XSTest harmful | XSTest benign |
+|---|---|---|
+{pair_rows}
+
+Per held-out writer pair: the training lists holding both labels (over all families; each
+model trains on the seven other families' share), then the test lists and top-1 of SRR and
+text-only. A harmful list holds both labels only where a writer complied with an unsafe
+prompt, so where the writers that comply are held out, the harmful training lists are few
+and the rankers learn from benign lists alone that a refusal is wrong.
+
+| held-out writers | training lists, harmful / benign | harmful test lists | SRR | text-only | benign test lists | SRR | text-only |
+|---|---|---|---|---|---|---|---|
+{per_pair}
 """

@@ -419,3 +419,38 @@ def test_xstest_families_pair_each_safe_type_with_its_contrast():
         families.setdefault(xstest_family(p.category), set()).add(p.harmful)
     assert len(families) == 8
     assert all(labels == {True, False} for labels in families.values())
+
+
+def test_crossfit_writer_pairs_hold_out_the_family_and_both_writers(monkeypatch):
+    """Every model is trained on neither the family nor the two writers it is tested on, and
+    tested on exactly those two writers' answers to that family's prompts."""
+    import ranker.evaluate as ev
+
+    names = ["w0", "w1", "w2", "w3"]
+    trained, tested = [], []
+
+    def fake_train(config, lists, *, epochs, seed, progress):
+        trained.append(({x.prompt[0] for x in lists}, {int(c) for x in lists for c in x.candidates[:, 0]}))
+        return trained[-1]
+
+    def fake_predict(model, lists):
+        tested.append(({x.prompt[0] for x in lists}, {int(c) for x in lists for c in x.candidates[:, 0]}))
+        return [x.labels.astype(float) for x in lists]
+
+    monkeypatch.setattr(ev, "train", fake_train)
+    monkeypatch.setattr(ev, "predict", fake_predict)
+    cands = np.array([[i, 0.0] for i in range(4)])
+    lists = [RankList(np.zeros(2), cands, np.array([1.0, 0.0, 1.0, 0.0]), prompt_harmful=f == "b",
+                      prompt=f"{f} {i}") for f in "abc" for i in range(2)]
+    family = [x.prompt[0] for x in lists]
+    got = ev.crossfit_writer_pairs(None, lists, family, [names] * len(lists), epochs=1, seed=0)
+    assert len(trained) == len(tested) == 6 * 3  # writer pairs x families
+    for (tr_f, tr_w), (te_f, te_w) in zip(trained, tested):
+        assert len(te_f) == 1 and not tr_f & te_f and len(te_w) == 2 and not tr_w & te_w
+        assert tr_f | te_f == set("abc") and tr_w | te_w == {0, 1, 2, 3}
+    # Four of the six writer pairs mix the labels: each family's two lists count for those.
+    assert got["crossfit"]["n_benign"] == 4 * 4 and got["crossfit"]["n_harmful"] == 4 * 2
+    assert got["crossfit"]["top1_benign"] == 1.0 and "shipped" not in got
+    # Held out w0 and w1, the rest (w2, w3) still mix the labels; held out w0 and w2, they do not.
+    assert (got["pairs"]["w0+w1"]["n_train_harmful"], got["pairs"]["w0+w1"]["n_train_benign"]) == (2, 4)
+    assert got["pairs"]["w0+w2"]["n_train_benign"] == 0 and got["pairs"]["w0+w2"]["n_benign"] == 0
