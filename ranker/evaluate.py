@@ -418,7 +418,8 @@ def xstest_families(scorer: SRRScorer, items: list[Item], store, epochs: int,
     on XSTest's labelled completions to every prompt family but one, tested on that one, beside
     the shipped scorer (which never saw XSTest) on the same lists and features. If they rank
     XSTest's benign lists well, the shipped scorer's miss lies in its training data, not in
-    the states; the text-only ranker, trained alike, tells what the text alone carries."""
+    the states; the text-only ranker, trained alike, tells what the text alone carries.
+    `writer_pairs`: the same with two of the five writer models held out too."""
     category = data.load_xstest_types()
     cfg = scorer.config
     srr_lists = make_lists(items, store, cfg.layers, cfg.pooling)
@@ -433,10 +434,6 @@ def xstest_families(scorer: SRRScorer, items: list[Item], store, epochs: int,
     srr_config = ScorerConfig(base_model=cfg.base_model, hidden_size=cfg.hidden_size,
                               layers=cfg.layers, pooling=cfg.pooling)
     return {
-        "writer_pairs": {
-            "srr": crossfit_writer_pairs(srr_config, srr_lists, family, writers, epochs, seeds[0],
-                                         shipped=scorer),
-            "text-only": crossfit_writer_pairs(TEXT_RANKER, text, family, writers, epochs, seeds[0])},
         "scorer": f"{cfg.name}@{cfg.version}", "layer": cfg.layers[0], "pooling": cfg.pooling,
         "epochs": epochs, "seeds": list(seeds),
         "shipped": family_summary([predict(scorer, srr_lists)], srr_lists, family),
@@ -444,6 +441,10 @@ def xstest_families(scorer: SRRScorer, items: list[Item], store, epochs: int,
                                for s in seeds], srr_lists, family),
         "text-only": family_summary([crossfit_scores(TEXT_RANKER, text, family, epochs, s)
                                      for s in seeds], text, family),
+        "writer_pairs": {
+            "srr": crossfit_writer_pairs(srr_config, srr_lists, family, writers, epochs, seeds[0],
+                                         shipped=scorer),
+            "text-only": crossfit_writer_pairs(TEXT_RANKER, text, family, writers, epochs, seeds[0])},
     }
 
 
