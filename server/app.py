@@ -79,6 +79,9 @@ async def until_disconnected(request: Request, work: Awaitable):
             raise asyncio.CancelledError("client disconnected")
 
 
+DEAD_ENGINE_DRAIN_S = 2.0
+
+
 def create_app(settings: Settings, build_service: Callable[[], Awaitable[Service]],
                on_engine_dead: Callable[[], None] | None = None) -> FastAPI:
     state: dict = {"service": None, "in_flight": 0}
@@ -86,7 +89,10 @@ def create_app(settings: Settings, build_service: Callable[[], Awaitable[Service
     async def watch_engine() -> None:
         while state["service"].engine.is_alive():
             await asyncio.sleep(1.0)
-        logger.error("the vLLM engine died; /health now answers 503")
+        logger.error("the vLLM engine died; /health answers 503, exiting in %.0f s", DEAD_ENGINE_DRAIN_S)
+        # Exit only after a drain: a probe or load balancer polling /health then sees 503
+        # rather than a server that was healthy a moment ago and is simply gone.
+        await asyncio.sleep(DEAD_ENGINE_DRAIN_S)
         if on_engine_dead is not None:
             on_engine_dead()
 
