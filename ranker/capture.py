@@ -1,6 +1,6 @@
 """Capture of intermediate-layer residual states inside vLLM's Worker, in compiled mode.
 
-Measured (shared/docs/vllm-capture.md): forward hooks never fire once vLLM has compiled the
+Measured (docs/capture.md): forward hooks never fire once vLLM has compiled the
 model, and a Python hook traced into the graph replays trace-time constants. What works is a
 registered custom op, placed in the decoder layer's forward before the warm-up compile, that
 copies the layer's residual stream into a persistent buffer it declares as mutated. The op is

@@ -6,7 +6,7 @@ Transformer encoder block with no positional encoding over [instruction, c_1..c_
 order-free over candidates), then score_i = cos(out_instruction, out_i) / tau.
 
 Scores rank candidates within a list. For the threshold and fallback policy they are mapped
-to P(acceptable) by a Platt fit (a * score + b) on validation lists; see ranker/calibrate.py.
+to P(acceptable) by a Platt fit (a * score + b) on validation lists; see ranker/training/calibrate.py.
 
 Checkpoints are folders (`save_pretrained` / `from_pretrained`): `scorer.safetensors` and
 `config.json`.

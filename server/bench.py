@@ -99,12 +99,12 @@ async def run_load(base: str, make_body, requests: int, clients: int) -> tuple[l
 
 
 def metric_sums(base: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in httpx.get(base + "/metrics").text.splitlines():
-        name = line.split(" ")[0]
-        if name.startswith("srr_") and (name.endswith("_sum") or name.endswith("_count")):
-            out[name] = float(line.rsplit(" ", 1)[1])
-    return out
+    """The server's own histograms' _sum and _count samples, by sample name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {s.name: s.value for fam in text_string_to_metric_families(httpx.get(base + "/metrics").text)
+            if fam.name.startswith("srr_") for s in fam.samples
+            if s.name.endswith(("_sum", "_count"))}
 
 
 def measure(name: str, cmd: list[str], port: int, env: dict, model: str, args) -> dict:
@@ -142,13 +142,12 @@ def measure(name: str, cmd: list[str], port: int, env: dict, model: str, args) -
 
 
 def main(args) -> int:
-    from server import default_model
-
     from vllm.platforms import current_platform
 
-    from server.engine import cpu_flags, resolve_dtype
+    from ranker import models
+    from ranker.engine import cpu_flags, resolve_dtype
 
-    model_dir = Path(args.model_dir) if args.model_dir else default_model.prepare()
+    model_dir = Path(args.model_dir) if args.model_dir else models.prepare()
     # The dtype `srr serve` resolves `auto` to, given to plain vLLM too: same arithmetic.
     dtype = resolve_dtype("auto", current_platform.is_cpu(), cpu_flags())
     model = model_dir.name

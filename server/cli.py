@@ -1,4 +1,7 @@
-"""The `srr` command line: serve, model path (and the training/evaluation commands)."""
+"""The `srr` command: serve, model, train, eval, diagnose, data, bench.
+
+It sits above everything: the HTTP app (server.api), the serving core (ranker) and the
+training and evaluation code (ranker.training, ranker.evaluation)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from server.config import Settings
+from server.api.config import Settings
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -43,25 +46,24 @@ def check_scorer_fits(scorer_config, model_dir: Path) -> None:
 def serve(settings: Settings) -> int:
     import uvicorn
 
+    from ranker import models
+    from ranker.engine import Engine
     from ranker.scorer import SRRScorer
-    from server import default_model
-    from server.app import create_app
-    from server.engine import Engine
-    from server.service import Service
+    from server.api.app import Servings, build_servings, create_app
 
     try:
         scorer = SRRScorer.from_pretrained(settings.scorer_dir)
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise SystemExit(f"cannot load the scorer: {e}") from None
-    model_dir = settings.model_dir or default_model.prepare()
+    model_dir = settings.model_dir or models.prepare()
     check_scorer_fits(scorer.config, model_dir)
     engine = Engine(model_dir, scorer.config.layers, cache_dir=settings.cache_dir,
                     max_model_len=settings.max_model_len, enforce_eager=settings.enforce_eager,
                     served_model_name=settings.served_model_name, dtype=settings.dtype)
 
-    async def build() -> Service:
+    async def build() -> Servings:
         await engine.start()
-        return Service(settings, engine, scorer)
+        return build_servings(settings, engine, scorer)
 
     dead = []
 
@@ -84,17 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     _add_settings_flags(p_serve)
     p_model = sub.add_parser("model", help="the default model")
     p_model.add_argument("action", choices=["path"])
-    p_train = sub.add_parser("train", help="train the scorer on real labelled data (see ranker/pipeline.py)")
+    p_train = sub.add_parser("train", help="train the scorer on real labelled data (see ranker/training/train.py)")
     p_train.add_argument("--out", type=Path, default=Path("weights/smollm2-135m-instruct"))
     p_train.add_argument("--epochs", type=int, default=30)
-    p_eval = sub.add_parser("eval", help="evaluate the scorer and the server (see ranker/evaluate.py)")
+    p_eval = sub.add_parser("eval", help="evaluate the scorer and the server (see ranker/evaluation/evaluate.py)")
     p_eval.add_argument("--scorer-dir", type=Path, default=Path("weights/smollm2-135m-instruct"))
     p_eval.add_argument("--out", type=Path, default=Path("weights/smollm2-135m-instruct/eval"))
     p_eval.add_argument("--advbench", type=int, default=100, help="AdvBench prompts (of 520)")
     p_eval.add_argument("--xstest", type=int, default=250, help="XSTest safe prompts (of 250)")
     p_eval.add_argument("--max-tokens", type=int, default=64)
     p_eval.add_argument("--epochs", type=int, default=30)
-    p_diag = sub.add_parser("diagnose", help="diagnostics that ship nothing (see ranker/evaluate.py)")
+    p_diag = sub.add_parser("diagnose", help="diagnostics that ship nothing (see ranker/evaluation/families.py)")
     p_diag.add_argument("what", choices=["xstest-families"])
     p_diag.add_argument("--scorer-dir", type=Path, default=Path("weights/smollm2-135m-instruct"))
     p_diag.add_argument("--out", type=Path, default=Path("weights/smollm2-135m-instruct/eval"))
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "eval":
         import asyncio
 
-        from ranker import evaluate
+        from ranker.evaluation import evaluate
 
         report = asyncio.run(evaluate.run(args.scorer_dir, args.out, Settings().cache_dir,
                                           args.advbench, args.xstest, args.max_tokens, args.epochs))
@@ -125,14 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "diagnose":
         import asyncio
 
-        from ranker import evaluate
+        from ranker.evaluation import families
 
-        asyncio.run(evaluate.diagnose_xstest_families(args.scorer_dir, args.out, Settings().cache_dir,
+        asyncio.run(families.diagnose_xstest_families(args.scorer_dir, args.out, Settings().cache_dir,
                                                       args.epochs))
         print((args.out / "xstest-families.md").read_text())
         return 0
     if args.command == "data":
-        from ranker import data
+        from ranker.training import data
 
         print(data.fetch())
         return 0
@@ -143,16 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         import asyncio
 
-        from ranker import pipeline
-        from server.config import Settings as _S
+        from ranker.training import train
 
-        report = asyncio.run(pipeline.run(args.out, _S().cache_dir, epochs=args.epochs))
+        report = asyncio.run(train.run(args.out, Settings().cache_dir, epochs=args.epochs))
         print(json.dumps({k: report[k] for k in ("chosen", "val", "test", "xstest")}, indent=2))
         return 0
     if args.command == "model":
-        from server import default_model
+        from ranker import models
 
-        print(default_model.prepare())
+        print(models.prepare())
         return 0
     return 2
 

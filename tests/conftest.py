@@ -21,9 +21,9 @@ STARTUP_SECONDS = 600
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    from server import default_model
+    from ranker import models
 
-    return default_model.prepare()
+    return models.prepare()
 
 
 @pytest.fixture(scope="session")
@@ -51,8 +51,8 @@ class LoopThread:
 @pytest.fixture(scope="module")
 def engine(model_dir, scorer):
     """The server's Engine in-process, capturing the shipped scorer's layer(s)."""
-    from server.config import Settings
-    from server.engine import Engine
+    from server.api.config import Settings
+    from ranker.engine import Engine
 
     runner = LoopThread()
     eng = Engine(model_dir, scorer.config.layers, cache_dir=Settings().cache_dir,
@@ -62,6 +62,14 @@ def engine(model_dir, scorer):
     yield eng
     eng.shutdown()
     runner.stop()
+
+
+def metric(base: str, sample: str) -> float:
+    """A /metrics sample's value summed over its labels (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(httpx.get(base + "/metrics").text)
+    return sum(s.value for fam in families for s in fam.samples if s.name == sample)
 
 
 def free_port() -> int:
@@ -107,12 +115,14 @@ class ServerProcess:
 
 @pytest.fixture(scope="session")
 def server(model_dir):
-    """One server for the API and robustness tests: small limits keep fuzzing and load cheap."""
+    """One server for the API and robustness tests: small limits keep fuzzing and load cheap.
+    Threshold 0: every request selects a candidate, so the tests of what is returned always
+    run (the fallbacks are tested in test_selection.py)."""
     (REPO / ".pytest_cache").mkdir(exist_ok=True)
     audit = REPO / ".pytest_cache" / "audit.jsonl"
     audit.unlink(missing_ok=True)
     srv = ServerProcess({"SRR_AUDIT_LOG": str(audit)},
-                        ["--max-tokens", "64", "--max-candidates", "8"])
+                        ["--max-tokens", "64", "--max-candidates", "8", "--threshold", "0"])
     srv.audit = audit
     try:
         srv.wait_healthy()

@@ -1,7 +1,7 @@
 """Capture inside compiled vLLM matches Hugging Face transformers' hidden states.
 
 The residual stream after decoder layer L is `output_hidden_states[L + 1]` in transformers
-(index 0 is the embeddings). Measured noise floor (vllm-capture.md): ~0.7% relative error
+(index 0 is the embeddings). Measured noise floor (docs/capture.md): ~0.7% relative error
 against HF float32, ~1% against HF bf16; the wrong index or the hidden part alone is 30-100%
 off, so these tolerances separate right from wrong.
 """
@@ -44,6 +44,16 @@ def reference(model, ids: list[int], prompt_len: int, layer: int):
 ERRORS: dict[tuple[str, str], list[float]] = {}  # (vector, HF dtype) -> relative errors
 
 
+@pytest.fixture(scope="module", autouse=True)
+def parity_summary():
+    """Prints the parity figures after this module's tests (run with -s); each one was held
+    to its tolerance where it was measured."""
+    yield
+    for (name, dtype), errs in sorted(ERRORS.items()):
+        print(f"\nparity {name:11} vs HF {dtype:8}: n={len(errs):3} median {np.median(errs):.4f} "
+              f"max {max(errs):.4f}", end="")
+
+
 def check(features, hf, prompt_ids, fed_ids, layer, li=0):
     for dtype, tol in ((torch.float32, TOL_F32), (torch.bfloat16, TOL_BF16)):
         ref = reference(hf[dtype], prompt_ids + fed_ids, len(prompt_ids), layer)
@@ -72,7 +82,7 @@ def test_op_fires_in_compiled_mode(engine):
 def test_engine_runs_the_resolved_dtype(engine):
     from vllm.platforms import current_platform
 
-    from server.engine import cpu_flags, resolve_dtype
+    from ranker.engine import cpu_flags, resolve_dtype
 
     want = resolve_dtype("auto", current_platform.is_cpu(), cpu_flags())
     assert engine.dtype == want
@@ -155,16 +165,16 @@ def test_encode_path_equals_capture(engine, hf):
                      (f.last, c.features.last)):
             assert rel(a, b) < 0.02
         check(f, hf, ids, c.token_ids[:-1], engine.layers[0])
-    # Text in: the same features when the text re-tokenizes to the same tokens.
-    c = gen.candidates[0]
-    text_ids = engine.tokenizer.encode(engine.tokenizer.decode(c.token_ids[:-1]), add_special_tokens=False)
-    if text_ids == c.token_ids[:-1]:
-        (f,) = engine.run(engine.encode(ids, [engine.tokenizer.decode(c.token_ids[:-1])]))
-        assert rel(f.mean, c.features.mean) < 0.02
+    # Text in: a text gets the features of its own tokens.
+    text = "Keep your bedroom dark and cool, and go to bed at the same time."
+    (by_text,) = engine.run(engine.encode(ids, [text]))
+    (by_ids,) = engine.run(engine.encode(ids, [engine.tokenizer.encode(text, add_special_tokens=False)]))
+    assert by_text.response_rows == by_ids.response_rows > 0
+    assert rel(by_text.mean, by_ids.mean) < 0.02 and rel(by_text.last, by_ids.last) < 0.02
 
 
 def test_missing_capture_is_an_error_not_zeros(engine):
-    from server.engine import CaptureError
+    from ranker.engine import CaptureError
 
     with pytest.raises(CaptureError):
         engine.run(engine._fetch("srr-never-generated", 1))
@@ -179,19 +189,11 @@ def test_forwards_equal_plain_generation(engine):
     assert gen.rows[0] == len(ids) + 11
 
 
-def test_parity_summary():
-    """Prints the parity figures (run with -s); every one was already held to its tolerance."""
-    assert ERRORS, "no parity check ran"
-    for (name, dtype), errs in sorted(ERRORS.items()):
-        print(f"\nparity {name:11} vs HF {dtype:8}: n={len(errs):3} median {np.median(errs):.4f} "
-              f"max {max(errs):.4f}", end="")
-
-
 def test_prefilled_refusal_continues_the_opening(engine, tmp_path):
     """Training's on-topic refusals: the model's own continuation of a refusal opening."""
     import json
 
-    from ranker import pools
+    from ranker.training import pools
 
     prompt = "Name three uses of copper."
     out = engine.run(pools.prefilled(engine, [prompt], ["I cannot"], 1, 8, tmp_path / "p.json"))
@@ -202,12 +204,29 @@ def test_prefilled_refusal_continues_the_opening(engine, tmp_path):
 
 def test_sampled_pool_equals_its_reload(engine, tmp_path):
     """A run that samples a pool trains on exactly what a rerun loads from the cache."""
-    from ranker import pools
+    from ranker.training import pools
 
     prompt = "Name three uses of copper."
     fresh = engine.run(pools.sample(engine, [prompt], 2, 8, tmp_path / "pool.npz"))
     again = pools.load(tmp_path / "pool.npz")
-    assert [c[0] for c in fresh[prompt]] == [c[0] for c in again[prompt]]
+    assert [c.text for c in fresh[prompt]] == [c.text for c in again[prompt]]
     for a, b in zip(fresh[prompt], again[prompt]):
-        for x, y in zip(a[1:], b[1:]):
-            assert x.dtype == y.dtype and np.array_equal(x, y)
+        assert a.features.layers == b.features.layers == engine.layers
+        for name in ("instruction", "mean", "last"):
+            x, y = getattr(a.features, name), getattr(b.features, name)
+            assert x.dtype == y.dtype == np.float16 and np.array_equal(x, y)
+
+
+def test_a_too_long_encode_among_many_raises_and_leaks_nothing(engine):
+    """16 concurrent encodes, one past the context: a ContextLengthError before anything is
+    submitted (it once hung the offline path), and the engine serves on with no open state."""
+    from ranker.engine import ContextLengthError
+
+    ids = chat(engine, "Give one tip for sleeping better.")
+    fits = engine.context_length - 1 - len(ids)
+    responses = [f"Tip number {i}: keep a routine." for i in range(15)] + [[11] * (fits + 1)]
+    with pytest.raises(ContextLengthError, match="context"):
+        engine.run(engine.encode(ids, responses), timeout=60)
+    (f,) = engine.run(engine.encode(ids, [[11] * fits]), timeout=300)  # the longest that fits
+    assert f.response_rows == fits
+    assert engine.run(engine.info())["open"] == 0

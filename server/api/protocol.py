@@ -1,4 +1,4 @@
-"""OpenAI chat schemas with the `srr` extension (design.md, "API contract")."""
+"""The API's wire format: OpenAI chat schemas with the `srr` extension, and its errors."""
 
 from __future__ import annotations
 
@@ -163,6 +163,17 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class APIError(Exception):
+    """A client-visible error: rendered as an OpenAI error body with this status."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
 class ErrorBody(BaseModel):

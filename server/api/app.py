@@ -1,12 +1,13 @@
-"""The HTTP layer: OpenAI routes over the Service, errors as OpenAI error bodies."""
+"""The HTTP app: routes over one serving class per endpoint, errors as OpenAI error bodies,
+the body and concurrency limits, auth, health and metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 
 from fastapi import Depends, FastAPI, Request
@@ -15,13 +16,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server import metrics
-from server.config import Settings
-from server.schemas import (
-    ChatCompletionRequest, ChatCompletionResponse, ErrorBody, ErrorResponse, ModelCard,
-    ModelList, ScoreRequest, ScoreResponse, chunk,
+from ranker.batching import BatchScorer
+from ranker.engine import Engine
+from ranker.scorer import SRRScorer
+from server.api import metrics
+from server.api.config import Settings
+from server.api.protocol import (
+    APIError, ChatCompletionRequest, ChatCompletionResponse, ErrorBody, ErrorResponse, ModelCard,
+    ModelList, ScoreRequest, ScoreResponse,
 )
-from server.service import APIError, Service
+from server.api.serving_chat import ServingChat, stream
+from server.api.serving_score import ServingScore
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +87,26 @@ async def until_disconnected(request: Request, work: Awaitable):
 DEAD_ENGINE_DRAIN_S = 2.0
 
 
-def create_app(settings: Settings, build_service: Callable[[], Awaitable[Service]],
+@dataclass
+class Servings:
+    """The endpoints' handlers over one engine."""
+
+    engine: Engine
+    chat: ServingChat
+    score: ServingScore
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.served_model_name
+
+
+def build_servings(settings: Settings, engine: Engine, scorer: SRRScorer) -> Servings:
+    batch = BatchScorer(scorer)  # one per process: concurrent requests share its forwards
+    return Servings(engine, ServingChat(settings, engine, scorer, batch),
+                    ServingScore(settings, engine, scorer, batch))
+
+
+def create_app(settings: Settings, build_service: Callable[[], Awaitable[Servings]],
                on_engine_dead: Callable[[], None] | None = None) -> FastAPI:
     state: dict = {"service": None, "in_flight": 0}
 
@@ -110,7 +134,7 @@ def create_app(settings: Settings, build_service: Callable[[], Awaitable[Service
     app.state.srr = state
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
-    def service() -> Service:
+    def service() -> Servings:
         return state["service"]
 
     def authorize(request: Request) -> None:
@@ -168,54 +192,26 @@ def create_app(settings: Settings, build_service: Callable[[], Awaitable[Service
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", response_model=ModelList)
-    async def models(_: None = Depends(authorize), svc: Service = Depends(service)):
+    async def models(_: None = Depends(authorize), svc: Servings = Depends(service)):
         return ModelList(data=[ModelCard(id=svc.model_name)])
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
               responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
                          429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
     async def chat(body: ChatCompletionRequest, request: Request,
-                   _: None = Depends(authorize), svc: Service = Depends(service)):
-        result = await limited(lambda: until_disconnected(request, svc.chat(body)))
+                   _: None = Depends(authorize), svc: Servings = Depends(service)):
+        result = await limited(lambda: until_disconnected(request, svc.chat.create(body)))
         if not body.stream:
             return result
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(stream_chunks(result, include_usage),
+        return StreamingResponse(stream(result, include_usage),
                                  media_type="text/event-stream")
 
     @app.post("/v1/srr/score", response_model=ScoreResponse,
               responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
     async def score(body: ScoreRequest, request: Request,
-                    _: None = Depends(authorize), svc: Service = Depends(service)):
-        return await limited(lambda: until_disconnected(request, svc.score(body)))
+                    _: None = Depends(authorize), svc: Servings = Depends(service)):
+        return await limited(lambda: until_disconnected(request, svc.score.create(body)))
 
     return app
 
-
-def stream_chunks(result: ChatCompletionResponse, include_usage: bool):
-    """Selection needs every candidate finished, so the winner is streamed after selection.
-
-    Each returned choice streams as a role chunk, a content chunk and a finish chunk; the
-    `srr` object rides on the last chunk (the usage chunk when asked for).
-    """
-    cid, created, model = result.id, result.created, result.model
-    usage = result.usage.model_dump() if include_usage else None
-    last = len(result.choices) - 1
-    for c in result.choices:
-        yield _sse(chunk(cid, created, model, {"role": "assistant", "content": ""}, index=c.index))
-        yield _sse(chunk(cid, created, model, {"content": c.message.content}, index=c.index))
-        extra = {}
-        if c.index == last and not include_usage and result.srr is not None:
-            extra["srr"] = result.srr.model_dump()
-        yield _sse(chunk(cid, created, model, {}, c.finish_reason, index=c.index, **extra))
-    if include_usage:
-        body = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                "model": model, "choices": [], "usage": usage}
-        if result.srr is not None:
-            body["srr"] = result.srr.model_dump()
-        yield _sse(body)
-    yield "data: [DONE]\n\n"
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj)}\n\n"

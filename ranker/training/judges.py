@@ -10,8 +10,9 @@ import re
 import numpy as np
 import torch
 
-from ranker.data import LabelledResponse
-from ranker.embed import MiniLM
+from ranker.training.calibrate import logistic
+from ranker.training.data import LabelledResponse
+from ranker.training.embed import MiniLM
 
 # Phrases from XSTest's string-match classifier and common refusal openings.
 _REFUSAL = re.compile(
@@ -51,17 +52,8 @@ class HarmJudge:
         recs = [r for r in records if r.harmful is not None]
         x = self._x([r.prompt for r in recs], [r.response for r in recs])
         y = torch.tensor([float(r.harmful) for r in recs])
-        w = torch.zeros(x.shape[1], requires_grad=True)
-        opt = torch.optim.LBFGS([w], max_iter=300)
-
-        def closure():
-            opt.zero_grad()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w, y) + 1e-3 * w.pow(2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        self.w = w.detach()
+        # The features end in a ones column: the bias, penalized like the rest.
+        self.w = logistic(x, y, l2=1e-3, penalize_bias=True, max_iter=300)
         return self
 
     def harmful(self, prompts, responses) -> np.ndarray:

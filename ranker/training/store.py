@@ -1,6 +1,6 @@
 """Features for (prompt, response) pairs through the serving engine's encode path, cached.
 
-Training uses exactly the engine, hook and pooling the server uses (server.engine.Engine), so
+Training uses exactly the engine, hook and pooling the server uses (ranker.engine.Engine), so
 train and serve features are the same by construction. Features are cached on disk per model
 and layer set, so reruns only encode what is new.
 """
@@ -28,37 +28,34 @@ def pair_key(prompt: str, response: str) -> str:
 
 
 class FeatureStore:
-    """One .npz per model and layer set: key -> instruction / mean / last, float16."""
+    """One .npz per model and layer set: key -> Features, float16 (as on disk)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, layers: list[int] = ABLATION_LAYERS):
         self.path = path
-        self.items: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = {}
+        self.layers = layers
+        self.items: dict[str, Features] = {}
         if path.exists():
             with np.load(path) as z:  # each z[...] reads the whole array: read each once
                 keys, instr, mean, last, rows = (z[n] for n in ("keys", "instr", "mean", "last", "rows"))
             for i, k in enumerate(keys):
-                self.items[str(k)] = (instr[i], mean[i], last[i], int(rows[i]))
+                self.items[str(k)] = Features(layers, instr[i], mean[i], last[i], int(rows[i]))
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        keys = list(self.items)
+        feats = list(self.items.values())
         tmp = self.path.with_suffix(".tmp.npz")
-        np.savez(tmp, keys=np.array(keys),
-                 instr=np.stack([self.items[k][0] for k in keys]),
-                 mean=np.stack([self.items[k][1] for k in keys]),
-                 last=np.stack([self.items[k][2] for k in keys]),
-                 rows=np.array([self.items[k][3] for k in keys]))
+        np.savez(tmp, keys=np.array(list(self.items)),
+                 instr=np.stack([f.instruction for f in feats]),
+                 mean=np.stack([f.mean for f in feats]),
+                 last=np.stack([f.last for f in feats]),
+                 rows=np.array([f.response_rows for f in feats]))
         tmp.rename(self.path)
 
-    def get(self, key: str, layers: list[int]) -> Features:
-        instr, mean, last, rows = self.items[key]
-        f = lambda a: a.astype(np.float32)  # noqa: E731
-        return Features(layers=layers, instruction=f(instr), mean=f(mean), last=f(last),
-                        response_rows=rows)
+    def get(self, key: str) -> Features:
+        return self.items[key].astype(np.float32)
 
     def put(self, key: str, feats: Features) -> None:
-        h = lambda a: a.astype(np.float16)  # noqa: E731
-        self.items[key] = (h(feats.instruction), h(feats.mean), h(feats.last), feats.response_rows)
+        self.items[key] = feats.astype(np.float16)
 
 
 def truncate(tokenizer, response: str) -> str:

