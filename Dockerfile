@@ -28,13 +28,15 @@ RUN apt-get update \
         --shell /usr/sbin/nologin srr \
     && install -d -o srr -g srr /home/srr/.cache
 
+# VLLM_USE_V2_MODEL_RUNNER=0: capture hooks vLLM's V1 model runner; `srr serve` sets it too.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     VLLM_NO_USAGE_STATS=1 \
-    DO_NOT_TRACK=1
+    DO_NOT_TRACK=1 \
+    VLLM_USE_V2_MODEL_RUNNER=0
 
 # vLLM and torch (several GB) get their own layer, so a change to the project's code does not
 # download them again. Keep the pin equal to the `cuda` extra in pyproject.toml (a test checks).

@@ -72,6 +72,11 @@ def configure_environment(layers: list[int], cache_dir: Path) -> None:
     # capture (or with other layers) would load and capture nothing. Keep a cache per layer set.
     tag = "-".join(map(str, layers))
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir / f"vllm-capture-L{tag}"))
+    # On CUDA, vLLM 0.32 runs Model Runner V2 (vllm/v1/worker/gpu/) whenever Triton is there;
+    # capture hooks the V1 runner (gpu_model_runner.GPUModelRunner, and the CPU runner built on
+    # it), whose batch layout it reads. Without this every GPU request would end in a capture
+    # error. Forced, not defaulted: V2 cannot capture.
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     # vLLM-CPU sizes its KV cache from NUMA node 0 and refuses to start without this.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm.platforms import current_platform

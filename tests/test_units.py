@@ -571,3 +571,63 @@ def test_crossfit_writer_pairs_hold_out_the_family_and_both_writers(monkeypatch)
     # Held out w0 and w1, the rest (w2, w3) still mix the labels; held out w0 and w2, they do not.
     assert (got["pairs"]["w0+w1"]["n_train_harmful"], got["pairs"]["w0+w1"]["n_train_benign"]) == (2, 4)
     assert got["pairs"]["w0+w2"]["n_train_benign"] == 0 and got["pairs"]["w0+w2"]["n_benign"] == 0
+
+
+def test_engine_selects_vllms_v1_model_runner(monkeypatch, tmp_path):
+    """Capture hooks the V1 runner; on CUDA vLLM 0.32 would pick Model Runner V2."""
+    from ranker import capture
+    from ranker.engine import configure_environment
+
+    for name in (capture.LAYERS_ENV, "VLLM_CACHE_ROOT", "VLLM_CPU_KVCACHE_SPACE", "VLLM_USE_AOT_COMPILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")  # even when asked for V2
+    configure_environment([3], tmp_path)
+    import os
+
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    from vllm import envs
+
+    assert envs.VLLM_USE_V2_MODEL_RUNNER is False
+
+
+def test_capture_pools_only_the_real_rows_of_a_padded_batch():
+    """Under CUDA graphs a step's batch is padded past its real tokens: the padded rows (here
+    huge values, and position 0) must never reach any request's pooled states."""
+    from types import SimpleNamespace as NS
+
+    from ranker.capture import TAG_KEY, CaptureState
+
+    def request(tag, prompt_len):
+        return NS(sampling_params=NS(extra_args={TAG_KEY: tag}), num_prompt_tokens=prompt_len)
+
+    runner = NS(requests={"a-1": request("a", 3), "b-1": request("b", 2)})
+    state = CaptureState.__new__(CaptureState)
+    state.runner, state.layers, state.width, state.device = runner, [0], 2, "cpu"
+    state.sinks, state.calls = [torch.zeros(16, 2)], [torch.zeros(1, dtype=torch.long)]
+    state.slot_of, state.meta, state.done, state.orphan_since = {}, {}, set(), {}
+    state.steps_without_capture = state.tokens_seen = 0
+    state._alloc(4)
+
+    def step(rows, positions, qsl, padded_to):
+        """rows: the real rows' values; the rest of the padded batch is garbage."""
+        n = len(rows)
+        state.sinks[0][:padded_to] = 1e6
+        state.sinks[0][:n] = torch.tensor(rows, dtype=torch.float32)
+        state.calls[0] += 1
+        runner.input_batch = NS(num_reqs=2, req_ids=["a-1", "b-1"])
+        runner.query_start_loc = NS(np=np.array(qsl))
+        state.after_forward(torch.tensor(positions + [0] * (padded_to - n)))
+
+    # Prefill: a's prompt rows (positions 0-2) then b's (0-1); 5 real rows padded to 8.
+    step([[0, 0], [1, 1], [2, 2], [10, 10], [11, 11]], [0, 1, 2, 0, 1], [0, 3, 5], 8)
+    # Decode: one response row each, padded to 4.
+    step([[3, 3], [12, 12]], [3, 2], [0, 1, 2], 4)
+    step([[4, 4], [13, 13]], [4, 3], [0, 1, 2], 4)
+    got = {r["tag"]: r for r in state.fetch(["a", "b"])}
+    vec = lambda r, k: np.frombuffer(r[k], dtype=np.float32).reshape(1, 2)  # noqa: E731
+    assert got["a"]["ok"] and got["b"]["ok"]
+    assert np.array_equal(vec(got["a"], "instr"), [[2, 2]]) and np.array_equal(vec(got["b"], "instr"), [[11, 11]])
+    assert np.array_equal(vec(got["a"], "mean"), [[3.5, 3.5]]) and np.array_equal(vec(got["b"], "mean"), [[12.5, 12.5]])
+    assert np.array_equal(vec(got["a"], "last"), [[4, 4]]) and np.array_equal(vec(got["b"], "last"), [[13, 13]])
+    assert (got["a"]["response_rows"], got["b"]["response_rows"]) == (2, 2)
+    assert (got["a"]["rows"], got["b"]["rows"]) == (5, 4)  # fed rows: real ones only
