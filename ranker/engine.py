@@ -36,12 +36,6 @@ class ContextLengthError(ValueError):
     """An encode whose prompt + response does not fit the context: rejected before vLLM sees
     it (the HTTP layer answers 400 `context_length_exceeded`)."""
 
-    def __init__(self, message: str, prompt_tokens: int, response_tokens: int, context_length: int):
-        super().__init__(message)
-        self.prompt_tokens = prompt_tokens
-        self.response_tokens = response_tokens
-        self.context_length = context_length
-
 
 # Cleanup after a failed or cancelled request waits this long at most for the worker's reply.
 RELEASE_TIMEOUT_S = 5.0
@@ -260,8 +254,7 @@ class Engine:
                 raise ContextLengthError(
                     f"response {i}: prompt ({len(prompt_ids)} tokens) + response ({len(seq)} "
                     f"tokens) = {total} tokens; the model's context is {self.context_length} "
-                    f"tokens, so at most {limit} can be encoded",
-                    len(prompt_ids), len(seq), self.context_length)
+                    f"tokens, so at most {limit} can be encoded")
         return list(await asyncio.gather(*(self._encode_one(prompt_ids, s) for s in seqs)))
 
     async def _encode_one(self, prompt_ids: list[int], response: list[int]) -> Features:

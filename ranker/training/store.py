@@ -52,7 +52,8 @@ class FeatureStore:
         tmp.rename(self.path)
 
     def get(self, key: str) -> Features:
-        return self.items[key].astype(np.float32)
+        """As stored (float16): `Features.select` gives the scorer float32 of the layers it reads."""
+        return self.items[key]
 
     def put(self, key: str, feats: Features) -> None:
         self.items[key] = feats.astype(np.float16)
