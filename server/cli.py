@@ -1,4 +1,4 @@
-"""The `srr` command: serve, model, train, eval, diagnose, data, bench.
+"""The `srr` command: serve, model, check, train, eval, diagnose, data, bench.
 
 It sits above everything: the HTTP app (server.api), the serving core (ranker) and the
 training and evaluation code (ranker.training, ranker.evaluation)."""
@@ -31,32 +31,53 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**given)
 
 
-def check_scorer_fits(scorer_config, model_dir: Path) -> None:
-    model_cfg = json.loads((model_dir / "config.json").read_text())
-    width = model_cfg.get("hidden_size")
-    n_layers = model_cfg.get("num_hidden_layers")
-    if width != scorer_config.hidden_size:
-        raise SystemExit(f"scorer expects hidden size {scorer_config.hidden_size}, but the model "
-                         f"in {model_dir} has {width}: use a scorer trained for this model")
-    bad = [layer for layer in scorer_config.layers if not 0 <= layer < (n_layers or 0)]
-    if bad:
-        raise SystemExit(f"scorer reads layer(s) {bad}, but the model has {n_layers} layers")
+MODEL_DIR_HELP = "Hugging Face causal-LM folder, or a named model (default: the default named model)"
+
+
+def model_dir_of(arg: Path | None) -> Path:
+    """A model folder given by path, or a named model (the default if none), prepared."""
+    from ranker import models
+
+    if arg is None or (not arg.exists() and str(arg) in models.MODELS):
+        return models.prepare(str(arg) if arg else models.DEFAULT)
+    return arg
+
+
+def scorer_dir_of(arg: Path | None, model_dir: Path) -> Path:
+    """A scorer folder given by path, or the one shipped for a named model."""
+    from ranker import models
+    from server.api.config import WEIGHTS_DIR
+
+    if arg:
+        return arg
+    named = models.named(model_dir)
+    if named is None or not (WEIGHTS_DIR / named.name / "config.json").is_file():
+        raise SystemExit(f"no scorer ships for {model_dir.name}: pass --scorer-dir "
+                         f"(train one with `srr train --model-dir {model_dir}`)")
+    return WEIGHTS_DIR / named.name
+
+
+def load_scorer(scorer_dir: Path, model_dir: Path):
+    """The scorer, checked against the model it will read (SystemExit with the reason)."""
+    from ranker.scorer import SRRScorer
+
+    try:
+        scorer = SRRScorer.from_pretrained(scorer_dir)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        raise SystemExit(f"cannot load the scorer: {e}") from None
+    if why := scorer.config.mismatch(model_dir):
+        raise SystemExit(why)
+    return scorer
 
 
 def serve(settings: Settings) -> int:
     import uvicorn
 
-    from ranker import models
     from ranker.engine import Engine
-    from ranker.scorer import SRRScorer
     from server.api.app import Servings, build_servings, create_app
 
-    try:
-        scorer = SRRScorer.from_pretrained(settings.scorer_dir)
-    except (FileNotFoundError, ValueError, TypeError) as e:
-        raise SystemExit(f"cannot load the scorer: {e}") from None
-    model_dir = settings.model_dir or models.prepare()
-    check_scorer_fits(scorer.config, model_dir)
+    model_dir = model_dir_of(settings.model_dir)
+    scorer = load_scorer(scorer_dir_of(settings.scorer_dir, model_dir), model_dir)
     engine = Engine(model_dir, scorer.config.layers, cache_dir=settings.cache_dir,
                     max_model_len=settings.max_model_len, enforce_eager=settings.enforce_eager,
                     served_model_name=settings.served_model_name, dtype=settings.dtype)
@@ -84,23 +105,30 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="serve the OpenAI-compatible API")
     _add_settings_flags(p_serve)
-    p_model = sub.add_parser("model", help="the default model")
-    p_model.add_argument("action", choices=["path"])
-    p_train = sub.add_parser("train", help="train the scorer on real labelled data (see ranker/training/train.py)")
-    p_train.add_argument("--out", type=Path, default=Path("weights/smollm2-135m-instruct"))
+    p_model = sub.add_parser("model", help="named models: prepare one and print its folder")
+    p_model.add_argument("action", choices=["path", "list"])
+    p_model.add_argument("name", nargs="?", default=None, help="a named model (default: the default)")
+    p_train = sub.add_parser("train", help="train a scorer for a model (see ranker/training/train.py)")
+    p_train.add_argument("--model-dir", type=Path, default=None, help=MODEL_DIR_HELP)
+    p_train.add_argument("--out", type=Path, default=None,
+                         help="scorer folder to write (default: weights/<name> of a named model)")
     p_train.add_argument("--epochs", type=int, default=30)
-    p_eval = sub.add_parser("eval", help="evaluate the scorer and the server (see ranker/evaluation/evaluate.py)")
-    p_eval.add_argument("--scorer-dir", type=Path, default=Path("weights/smollm2-135m-instruct"))
-    p_eval.add_argument("--out", type=Path, default=Path("weights/smollm2-135m-instruct/eval"))
+    p_eval = sub.add_parser("eval", help="evaluate a scorer and the server (see ranker/evaluation/evaluate.py)")
+    p_check = sub.add_parser("check", help="check capture, parity and the scorer on a model (see server/check.py)")
+    p_check.add_argument("--k", type=int, default=4)
+    p_check.add_argument("--max-tokens", type=int, default=24)
+    p_diag = sub.add_parser("diagnose", help="diagnostics that ship nothing (see ranker/evaluation/families.py)")
+    p_diag.add_argument("what", choices=["xstest-families"])
+    for p in (p_eval, p_diag, p_check):
+        p.add_argument("--model-dir", type=Path, default=None, help=MODEL_DIR_HELP)
+        p.add_argument("--scorer-dir", type=Path, default=None,
+                       help="scorer folder (default: the one shipped for a named model)")
+    for p in (p_eval, p_diag):
+        p.add_argument("--out", type=Path, default=None, help="report folder (default: <scorer-dir>/eval)")
+        p.add_argument("--epochs", type=int, default=30)
     p_eval.add_argument("--advbench", type=int, default=100, help="AdvBench prompts (of 520)")
     p_eval.add_argument("--xstest", type=int, default=250, help="XSTest safe prompts (of 250)")
     p_eval.add_argument("--max-tokens", type=int, default=64)
-    p_eval.add_argument("--epochs", type=int, default=30)
-    p_diag = sub.add_parser("diagnose", help="diagnostics that ship nothing (see ranker/evaluation/families.py)")
-    p_diag.add_argument("what", choices=["xstest-families"])
-    p_diag.add_argument("--scorer-dir", type=Path, default=Path("weights/smollm2-135m-instruct"))
-    p_diag.add_argument("--out", type=Path, default=Path("weights/smollm2-135m-instruct/eval"))
-    p_diag.add_argument("--epochs", type=int, default=30)
     p_data = sub.add_parser("data", help="training and evaluation data")
     p_data.add_argument("action", choices=["fetch"])
     p_bench = sub.add_parser("bench", help="benchmark against plain vLLM (see server/bench.py)")
@@ -115,24 +143,30 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "serve":
         return serve(settings_from_args(args))
-    if args.command == "eval":
+    if args.command in ("eval", "diagnose"):
         import asyncio
 
-        from ranker.evaluation import evaluate
+        from ranker.evaluation import evaluate, families
 
-        report = asyncio.run(evaluate.run(args.scorer_dir, args.out, Settings().cache_dir,
-                                          args.advbench, args.xstest, args.max_tokens, args.epochs))
-        print((args.out / "report.md").read_text())
-        return 0 if report else 1
-    if args.command == "diagnose":
-        import asyncio
-
-        from ranker.evaluation import families
-
-        asyncio.run(families.diagnose_xstest_families(args.scorer_dir, args.out, Settings().cache_dir,
+        model_dir = model_dir_of(args.model_dir)
+        scorer_dir = scorer_dir_of(args.scorer_dir, model_dir)
+        load_scorer(scorer_dir, model_dir)
+        out = args.out or scorer_dir / "eval"
+        if args.command == "eval":
+            report = asyncio.run(evaluate.run(model_dir, scorer_dir, out, Settings().cache_dir,
+                                              args.advbench, args.xstest, args.max_tokens, args.epochs))
+            print((out / "report.md").read_text())
+            return 0 if report else 1
+        asyncio.run(families.diagnose_xstest_families(model_dir, scorer_dir, out, Settings().cache_dir,
                                                       args.epochs))
-        print((args.out / "xstest-families.md").read_text())
+        print((out / "xstest-families.md").read_text())
         return 0
+    if args.command == "check":
+        from server import check
+
+        model_dir = model_dir_of(args.model_dir)
+        return check.main(model_dir, scorer_dir_of(args.scorer_dir, model_dir), Settings().cache_dir,
+                          args.k, args.max_tokens)
     if args.command == "data":
         from ranker.training import data
 
@@ -145,15 +179,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         import asyncio
 
+        from ranker import models
         from ranker.training import train
+        from server.api.config import WEIGHTS_DIR
 
-        report = asyncio.run(train.run(args.out, Settings().cache_dir, epochs=args.epochs))
+        model_dir = model_dir_of(args.model_dir)
+        named = models.named(model_dir)
+        if args.out is None and named is None:
+            raise SystemExit(f"{model_dir.name} is not a named model: pass --out for its scorer")
+        out = args.out or WEIGHTS_DIR / named.name
+        report = asyncio.run(train.run(model_dir, out, Settings().cache_dir, epochs=args.epochs))
         print(json.dumps({k: report[k] for k in ("chosen", "val", "test", "xstest")}, indent=2))
         return 0
     if args.command == "model":
         from ranker import models
 
-        print(models.prepare())
+        if args.action == "list":
+            for m in models.MODELS.values():
+                print(f"{m.name}{' (default)' if m.name == models.DEFAULT else ''}: {m.provenance}")
+            return 0
+        try:
+            print(models.prepare(args.name or models.DEFAULT))
+        except KeyError as e:
+            raise SystemExit(e.args[0]) from None
         return 0
     return 2
 

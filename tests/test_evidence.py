@@ -11,8 +11,9 @@ from ranker.training import dataset
 from ranker.training.render import families_md, model_card_md, report_md
 
 SHIPPED = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m-instruct"
-CONSTANTS = {name: getattr(dataset, name)
-             for name in ("POOL_K", "POOL_TOKENS", "PREFILLED", "DNA_PROMPTS", "SPLIT")}
+CONSTANTS = {"BASE_MODEL": SRRScorer.from_pretrained(SHIPPED).config.base_model,
+             **{name: getattr(dataset, name)
+                for name in ("POOL_K", "POOL_TOKENS", "PREFILLED", "DNA_PROMPTS", "SPLIT")}}
 
 
 def test_model_card_is_written_from_the_training_report():

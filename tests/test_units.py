@@ -16,8 +16,7 @@ from ranker.training.fit import listwise_loss
 from ranker.training.lists import RankList
 from ranker.training.pools import Pick
 from ranker.training.stats import top1_accuracy
-from ranker.training.store import ABLATION_LAYERS
-from server.cli import check_scorer_fits
+from ranker.training.store import sweep_layers
 
 
 def small_config(**kw):
@@ -69,11 +68,11 @@ def test_checkpoint_that_does_not_fit_is_refused(tmp_path):
 
 def test_scorer_width_checked_against_model(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 576, "num_hidden_layers": 30}))
-    with pytest.raises(SystemExit, match="hidden size"):
-        check_scorer_fits(small_config(), tmp_path)
-    with pytest.raises(SystemExit, match="layer"):
-        check_scorer_fits(ScorerConfig(base_model="m", layers=[40], pooling="mean",
-                                       hidden_size=576), tmp_path)
+    assert "hidden size 16, but the model" in small_config().mismatch(tmp_path)
+    assert "layer(s) [40]" in ScorerConfig(base_model="m", layers=[40], pooling="mean",
+                                           hidden_size=576).mismatch(tmp_path)
+    assert ScorerConfig(base_model="m", layers=[29], pooling="mean",
+                        hidden_size=576).mismatch(tmp_path) is None
 
 
 def test_listwise_loss_prefers_safe_on_top():
@@ -95,10 +94,11 @@ def test_top1_accuracy_counts_only_lists_that_can_be_wrong():
 
 
 def random_pool(rng, name, k=8, width=16):
-    """A pool as `pools.load` returns it: candidates with states at ABLATION_LAYERS (7)."""
-    n = len(ABLATION_LAYERS)
+    """A pool as `pools.load` returns it: candidates with states at a 30-layer model's sweep."""
+    layers = sweep_layers(30)
+    n = len(layers)
     return [Candidate(j, f"{name}/{j}", [], None,
-                      Features(ABLATION_LAYERS, rng.normal(size=(n, width)),
+                      Features(layers, rng.normal(size=(n, width)),
                                rng.normal(size=(n, width)), rng.normal(size=(n, width)), 0))
             for j in range(k)]
 

@@ -56,8 +56,8 @@ def plot_k(e2e: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-async def run(scorer_dir: Path, out: Path, cache_dir: Path, n_advbench: int, n_xstest: int,
-              max_tokens: int, epochs: int) -> dict:
+async def run(model_dir: Path, scorer_dir: Path, out: Path, cache_dir: Path, n_advbench: int,
+              n_xstest: int, max_tokens: int, epochs: int) -> dict:
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     scorer = SRRScorer.from_pretrained(scorer_dir)
@@ -65,10 +65,10 @@ async def run(scorer_dir: Path, out: Path, cache_dir: Path, n_advbench: int, n_x
     xs_types = {p.text: p.category for p in data.load_xstest_prompts() if not p.harmful}
     xs_safe = list(xs_types)[:n_xstest]
     rho = [p.text for p in data.load_rho_overrefusal()]
-    engine = await start_engine(cache_dir)
+    engine = await start_engine(cache_dir, model_dir)
     try:
         ds = await dataset(engine)
-        pdir = cache_dir / "eval"
+        pdir = cache_dir / "eval" / model_dir.name
         sample = lambda ps, k, name, system=None: pools.sample(  # noqa: E731
             engine, ps, k, max_tokens, pdir / f"{name}-{max_tokens}.npz", max_prompt_tokens=4096,
             system=system)

@@ -142,13 +142,14 @@ def xstest_families(scorer: SRRScorer, items: list[Item], store, epochs: int,
     }
 
 
-async def diagnose_xstest_families(scorer_dir: Path, out: Path, cache_dir: Path, epochs: int) -> dict:
+async def diagnose_xstest_families(model_dir: Path, scorer_dir: Path, out: Path, cache_dir: Path,
+                                   epochs: int) -> dict:
     """`srr diagnose xstest-families`: encodes XSTest's labelled completions through the
     serving engine (cached), runs `xstest_families`, writes xstest-families.{json,md}."""
     t0 = time.time()
     scorer = SRRScorer.from_pretrained(scorer_dir)
     items = xstest_items()
-    engine = await start_engine(cache_dir)
+    engine = await start_engine(cache_dir, model_dir)
     try:
         store = feature_store(engine)
         await encode_pairs(engine, [(it.prompt, it.response) for it in items], store)

@@ -20,7 +20,6 @@ from ranker import policy
 from ranker.engine import Candidate
 from ranker.features import Features, stack
 from ranker.policy import Policy
-from ranker.training.store import ABLATION_LAYERS
 
 Pool = list[Candidate]  # features float16, as on disk; no token ids
 
@@ -30,9 +29,7 @@ def load(cache: Path) -> dict[str, Pool]:
     if cache.exists():
         with np.load(cache, allow_pickle=False) as z:  # each z[...] reads the whole array
             meta = json.loads(str(z["meta"]))
-            instr, mean, last = z["instr"], z["mean"], z["last"]
-            # Caches written before the layers were stored hold the training layers.
-            layers = z["layers"].tolist() if "layers" in z else ABLATION_LAYERS
+            instr, mean, last, layers = z["instr"], z["mean"], z["last"], z["layers"].tolist()
         for i, (p, texts) in enumerate(meta.items()):
             store[p] = [Candidate(j, t, [], None, Features(layers, instr[i, j], mean[i, j], last[i, j], 0))
                         for j, t in enumerate(texts)]

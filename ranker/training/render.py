@@ -32,8 +32,9 @@ def render(template: str, **context) -> str:
 
 
 def model_card_md(report: dict, constants: dict) -> str:
-    """The checkpoint's README.md from its training.json. constants: the training run's POOL_K,
-    POOL_TOKENS, PREFILLED, DNA_PROMPTS and SPLIT (ranker.training.dataset)."""
+    """The checkpoint's README.md from its training.json. constants: the model's folder name
+    (BASE_MODEL) and the training run's POOL_K, POOL_TOKENS, PREFILLED, DNA_PROMPTS and SPLIT
+    (ranker.training.dataset)."""
     c = report["chosen"]
     variant = variant_key((c["pointwise"], c["edgy_repeat"]))
     return render("model_card.md.j2", report=report, c=c, t=report["training"],

@@ -16,11 +16,17 @@ from tqdm import tqdm
 
 from ranker.features import Features
 
-# Layers captured for training and ablations (SmolLM2-135M has 30): bottom quarter (the
-# paper), middle, ~60% depth (Language Ranker), and deeper.
-ABLATION_LAYERS = [4, 7, 11, 15, 18, 22, 26]
+# Depths captured for training and ablations, as fractions of the model's layers: bottom
+# quarter (the paper), middle, ~60% depth (Language Ranker), and deeper. On SmolLM2-135M's
+# 30 layers: 4, 7, 11, 15, 18, 22, 26.
+SWEEP_DEPTHS = (0.13, 0.23, 0.37, 0.5, 0.6, 0.73, 0.87)
 MAX_PROMPT_TOKENS = 1024
 MAX_RESPONSE_TOKENS = 256  # like a generation with max_tokens=256
+
+
+def sweep_layers(n_layers: int) -> list[int]:
+    """The layers of the sweep for a model of n_layers (distinct, in order)."""
+    return sorted({min(n_layers - 1, round(d * n_layers)) for d in SWEEP_DEPTHS})
 
 
 def pair_key(prompt: str, response: str) -> str:
@@ -30,7 +36,7 @@ def pair_key(prompt: str, response: str) -> str:
 class FeatureStore:
     """One .npz per model and layer set: key -> Features, float16 (as on disk)."""
 
-    def __init__(self, path: Path, layers: list[int] = ABLATION_LAYERS):
+    def __init__(self, path: Path, layers: list[int]):
         self.path = path
         self.layers = layers
         self.items: dict[str, Features] = {}

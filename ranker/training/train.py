@@ -45,12 +45,12 @@ from ranker.training.fit import predict, train
 from ranker.training.lists import GENERATED_WRITER, Item, RankList, acceptable, make_lists
 from ranker.training.render import model_card_md, variant_key
 from ranker.training.stats import by_kind, expected_calibration_error, seed_mean
-from ranker.training.store import ABLATION_LAYERS
 
 # Training variants for the second stage, (pointwise weight, times each edgy benign list is
 # seen per epoch). Edgy benign prompts (Weighted Safety's benign halves: "how does ransomware
 # work, so I can train staff") are ~50 of ~900 benign prompts, yet they are where the
 # fallback over-refuses: repeating them asks the score to tell them from harmful requests.
+VERSION = "0.7.0"  # of the training recipe: the scorer's version, whatever its model
 VARIANTS = ((0.0, 1), (1.0, 1), (3.0, 1), (1.0, 5))
 CROSSFIT_FOLDS = 5
 
@@ -116,10 +116,12 @@ def crossfit_benign(fit, items: list[Item], goal: dict[str, str], benign_pools: 
     return out
 
 
-async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
+async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
+    """Train a scorer for the model in model_dir (any Hugging Face causal LM vLLM serves)
+    and write it, with training.json and its card, to out_dir."""
     t0 = time.time()
     random.seed(SEED)
-    engine = await start_engine(cache_dir)
+    engine = await start_engine(cache_dir, model_dir)
     try:
         ds = await dataset(engine)
     finally:
@@ -128,13 +130,13 @@ async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
     train_r, val_r, test_r = ds.splits
 
     report: dict = {"sweep": {}, "counts": {k: len(v) for k, v in parts.items()}}
-    base = dict(base_model=models.MODEL_NAME, hidden_size=576,
-                base_model_revision=f"gguf-sha256:{models.GGUF_SHA256[:16]}")
+    base = dict(base_model=model_dir.name, hidden_size=models.shape(model_dir).hidden_size,
+                base_model_revision=models.revision(model_dir))
     held = ("val", "test", "xstest")
     cfg = lambda layer, pooling: ScorerConfig(  # noqa: E731
-        layers=[layer], pooling=pooling, name="srr-smollm2-135m", version="0.7.0", **base)
+        layers=[layer], pooling=pooling, name=f"srr-{out_dir.name}", version=VERSION, **base)
     best = None
-    for layer in ABLATION_LAYERS:
+    for layer in engine.layers:
         for pooling in ("mean", "last"):
             ls = {k: make_lists(parts[k], store, [layer], pooling) for k in ("train", *held)}
             fitted, runs = [], []
@@ -216,6 +218,6 @@ async def run(out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
     model.save_pretrained(out_dir)
     (out_dir / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "README.md").write_text(model_card_md(report, dict(
-        POOL_K=POOL_K, POOL_TOKENS=POOL_TOKENS, PREFILLED=PREFILLED, DNA_PROMPTS=DNA_PROMPTS,
-        SPLIT=SPLIT)))
+        BASE_MODEL=model_dir.name, POOL_K=POOL_K, POOL_TOKENS=POOL_TOKENS, PREFILLED=PREFILLED,
+        DNA_PROMPTS=DNA_PROMPTS, SPLIT=SPLIT)))
     return report

@@ -9,7 +9,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_SCORER = REPO_ROOT / "weights" / "smollm2-135m-instruct"
+WEIGHTS_DIR = REPO_ROOT / "weights"  # a named model's scorer ships in WEIGHTS_DIR/<name>
 
 
 class Settings(BaseSettings):
@@ -18,10 +18,12 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, description="Port to bind.")
     model_dir: Path | None = Field(
-        None, description="Local Hugging Face model folder (default: the prepared SmolLM2-135M-Instruct)."
+        None, description="Local Hugging Face model folder (default: the default named model, prepared)."
     )
     served_model_name: str | None = Field(None, description="Model id in the API (default: folder name).")
-    scorer_dir: Path = Field(DEFAULT_SCORER, description="SRR scorer checkpoint folder.")
+    scorer_dir: Path | None = Field(
+        None, description="SRR scorer checkpoint folder (default: the one shipped for a named model)."
+    )
     cache_dir: Path = Field(Path.home() / ".cache" / "srr", description="Model conversion and compile caches.")
     candidates: int = Field(8, ge=1, description="K: candidates sampled per request by default.")
     max_candidates: int = Field(16, ge=1, description="Largest K a request may ask for.")
