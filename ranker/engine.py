@@ -48,6 +48,9 @@ class Candidate:
     token_ids: list[int]
     finish_reason: str | None
     features: Features | None
+    # vLLM's sampled logprobs when asked for (SamplingParams.logprobs): per token, a dict of
+    # token id -> vllm.logprobs.Logprob holding the sampled token and the top alternatives
+    logprobs: list[dict] | None = None
 
 
 @dataclass
@@ -158,9 +161,9 @@ class Engine:
             llm, self.llm = self.llm, None
             llm.shutdown()
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
+    def prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         ids = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False
         )
         return list(ids)
 
@@ -225,7 +228,9 @@ class Engine:
         out = await self._run(TokensPrompt(prompt_token_ids=prompt_ids), params, tag)
         t1 = time.perf_counter()
         cands = [Candidate(index=c.index, text=c.text, token_ids=list(c.token_ids),
-                           finish_reason=c.finish_reason, features=None) for c in out.outputs]
+                           finish_reason=c.finish_reason, features=None,
+                           logprobs=list(c.logprobs) if c.logprobs is not None else None)
+                 for c in out.outputs]
         gen = Generation(prompt_tokens=len(prompt_ids), candidates=cands,
                          generation_seconds=t1 - t0, capture_seconds=0.0)
         try:

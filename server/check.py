@@ -1,7 +1,8 @@
 """`srr check`: does SRR work here, on this model, with this scorer?
 
-The first command to run on a new machine or model. It loads the scorer and checks it fits the
-model's width and depth, starts the serving engine (compiled, as `srr serve` runs it), samples
+The first command to run on a new machine or model. It loads the scorer (if there is one: a
+model of your own has none before `srr train`) and checks it fits the model's width and depth,
+starts the serving engine (compiled, as `srr serve` runs it), samples
 a few candidates, and checks: the capture op fired inside the compiled graph on every step;
 the captured states equal transformers' `output_hidden_states` at the scorer's layer(s)
 (instruction vector, mean and last response rows); the scorer gives finite scores. Then it
@@ -109,27 +110,37 @@ async def plain_latency(model_dir: Path, dtype: str, cache_dir: Path, prompts, p
         llm.shutdown()
 
 
-async def run(model_dir: Path, scorer_dir: Path, cache_dir: Path, k: int = 4, max_tokens: int = 24,
-              rounds: int = 2) -> list[Row]:
+async def run(model_dir: Path, scorer_dir: Path | None, cache_dir: Path, k: int = 4,
+              max_tokens: int = 24, rounds: int = 2) -> list[Row]:
+    """The checks, in order; without a scorer, capture and parity are checked at the layers
+    `srr train` would capture (the sweep, placed by the model's depth)."""
     from vllm import SamplingParams
 
+    from ranker import models
     from ranker.engine import Engine
     from ranker.features import stack
     from ranker.scorer import SRRScorer
+    from ranker.training.store import sweep_layers
 
     rows: list[Row] = []
-    try:
-        scorer = SRRScorer.from_pretrained(scorer_dir)
-    except (FileNotFoundError, ValueError, TypeError) as e:
-        return [Row("scorer loads", False, str(e))]
-    cfg = scorer.config
-    why = cfg.mismatch(model_dir)
-    rows.append(Row("scorer fits the model", why is None,
-                    why or f"width {cfg.hidden_size}, layer(s) {cfg.layers}, {cfg.pooling} pooling"))
-    if why:
-        return rows
+    scorer = None
+    if scorer_dir is None:
+        layers = sweep_layers(models.shape(model_dir).layers)
+        rows.append(Row("scorer", True, f"none given: capture checked at the training sweep {layers}"))
+    else:
+        try:
+            scorer = SRRScorer.from_pretrained(scorer_dir)
+        except (FileNotFoundError, ValueError, TypeError) as e:
+            return [Row("scorer loads", False, str(e))]
+        cfg = scorer.config
+        why = cfg.mismatch(model_dir)
+        rows.append(Row("scorer fits the model", why is None,
+                        why or f"width {cfg.hidden_size}, layer(s) {cfg.layers}, {cfg.pooling} pooling"))
+        if why:
+            return rows
+        layers = cfg.layers
 
-    engine = Engine(model_dir, cfg.layers, cache_dir=cache_dir, max_model_len=4096)
+    engine = Engine(model_dir, layers, cache_dir=cache_dir, max_model_len=4096)
     t0 = time.perf_counter()
     await engine.start()
     rows.append(Row("engine starts", True, f"{time.perf_counter() - t0:.0f} s, dtype {engine.dtype}"))
@@ -143,18 +154,20 @@ async def run(model_dir: Path, scorer_dir: Path, cache_dir: Path, k: int = 4, ma
         rows.append(Row("capture op fires in the compiled graph", fired,
                         f"{'compiled' if compiled else 'EAGER'}, {info['op_calls']} op calls, "
                         f"{info['steps_without_capture']} steps without capture"))
-        scores = [scorer.score(*stack([c.features for c in g.candidates], cfg.layers, cfg.pooling))
-                  for g in gens]
-        finite = all(np.isfinite(s).all() and np.isfinite(p).all() for s, p in scores)
-        probs = np.concatenate([p for _, p in scores])
-        rows.append(Row("scorer scores the candidates", finite,
-                        f"{len(probs)} candidates, P(acceptable) {probs.min():.2f} to {probs.max():.2f}"))
+        if scorer is not None:
+            scores = [scorer.score(*stack([c.features for c in g.candidates], layers, cfg.pooling))
+                      for g in gens]
+            finite = all(np.isfinite(s).all() and np.isfinite(p).all() for s, p in scores)
+            probs = np.concatenate([p for _, p in scores])
+            rows.append(Row("scorer scores the candidates", finite,
+                            f"{len(probs)} candidates, P(acceptable) {probs.min():.2f} to {probs.max():.2f}"))
         with_capture = await timed(lambda i, p: engine.generate(i, p), ids, params, rounds)
     finally:
         engine.shutdown()
-    worst = parity(model_dir, ids, gens, cfg.layers)
+    worst = parity(model_dir, ids, gens, layers)
     rows.append(Row("states match transformers (float32)", worst < PARITY_TOLERANCE,
-                    f"largest relative error {worst:.4f} (tolerance {PARITY_TOLERANCE})"))
+                    f"largest relative error {worst:.4f} at layer(s) {layers} "
+                    f"(tolerance {PARITY_TOLERANCE})"))
     try:
         without = await plain_latency(model_dir, engine.dtype, cache_dir, ids, params, rounds)
     except Exception as e:  # noqa: BLE001 - a check reports, it does not crash
@@ -171,7 +184,7 @@ def table(rows: list[Row]) -> str:
     return "\n".join(f"{'ok  ' if r.ok else 'FAIL'}  {r.check:<{width}}  {r.detail}" for r in rows)
 
 
-def main(model_dir: Path, scorer_dir: Path, cache_dir: Path, k: int, max_tokens: int) -> int:
+def main(model_dir: Path, scorer_dir: Path | None, cache_dir: Path, k: int, max_tokens: int) -> int:
     rows = asyncio.run(run(model_dir, scorer_dir, cache_dir, k, max_tokens))
     print(table(rows))
     return 0 if all(r.ok for r in rows) else 1

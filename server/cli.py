@@ -43,18 +43,24 @@ def model_dir_of(arg: Path | None) -> Path:
     return arg
 
 
-def scorer_dir_of(arg: Path | None, model_dir: Path) -> Path:
-    """A scorer folder given by path, or the one shipped for a named model."""
+def shipped_scorer(model_dir: Path) -> Path | None:
+    """The scorer shipped for a named model's folder (weights/<name>), if there is one."""
     from ranker import models
     from server.api.config import WEIGHTS_DIR
 
+    named = models.named(model_dir)
+    path = WEIGHTS_DIR / named.name if named else None
+    return path if path and (path / "config.json").is_file() else None
+
+
+def scorer_dir_of(arg: Path | None, model_dir: Path) -> Path:
+    """A scorer folder given by path, or the one shipped for a named model."""
     if arg:
         return arg
-    named = models.named(model_dir)
-    if named is None or not (WEIGHTS_DIR / named.name / "config.json").is_file():
+    if (shipped := shipped_scorer(model_dir)) is None:
         raise SystemExit(f"no scorer ships for {model_dir.name}: pass --scorer-dir "
                          f"(train one with `srr train --model-dir {model_dir}`)")
-    return WEIGHTS_DIR / named.name
+    return shipped
 
 
 def load_scorer(scorer_dir: Path, model_dir: Path):
@@ -165,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         from server import check
 
         model_dir = model_dir_of(args.model_dir)
-        return check.main(model_dir, scorer_dir_of(args.scorer_dir, model_dir), Settings().cache_dir,
+        return check.main(model_dir, args.scorer_dir or shipped_scorer(model_dir), Settings().cache_dir,
                           args.k, args.max_tokens)
     if args.command == "data":
         from ranker.training import data

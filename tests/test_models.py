@@ -1,6 +1,6 @@
-"""Named models and any model: preparation from pinned packages, capture parity against
+"""Named models and any model: preparation from pinned packages, and capture parity against
 transformers on both shipped architectures (llama: SmolLM2, qwen2: Qwen2.5-Coder) at every
-layer of the training sweep, the scorer that `srr serve` picks, and `srr check`."""
+layer of the training sweep."""
 
 from __future__ import annotations
 
@@ -99,47 +99,3 @@ def test_capture_matches_transformers_at_every_sweep_layer(sweep_engine):
     off = reference(hf, ids + c.token_ids[:-1], len(ids), eng.layers[0] + 1)[1]
     assert rel(np.asarray(c.features.mean[0], np.float32), off) > 5 * TOL_F32
     print(f"\nparity {eng.model_dir.name}: layers {eng.layers}, worst relative error {worst:.4f}")
-
-
-def test_serve_picks_the_scorer_shipped_for_a_named_model(model_dir, tmp_path):
-    from server.api.config import WEIGHTS_DIR
-    from server.cli import scorer_dir_of
-
-    assert scorer_dir_of(None, model_dir) == WEIGHTS_DIR / "smollm2-135m-instruct"
-    assert scorer_dir_of(tmp_path / "mine", model_dir) == tmp_path / "mine"
-    with pytest.raises(SystemExit, match="--scorer-dir"):
-        scorer_dir_of(None, tmp_path / "some-other-model")
-
-
-def test_serve_refuses_a_scorer_of_another_model():
-    from ranker import models
-
-    qwen = models.prepare("qwen2.5-coder-0.5b-instruct")
-    out = srr("serve", "--model-dir", str(qwen), "--scorer-dir",
-              str(REPO / "weights" / "smollm2-135m-instruct"), timeout=300)
-    assert out.returncode != 0
-    assert "hidden size 576" in out.stderr and "has 896" in out.stderr
-
-
-def test_check_passes_on_the_default_model():
-    out = srr("check", "--k", "3", "--max-tokens", "16")
-    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
-    table = out.stdout
-    for check in ("scorer fits the model", "capture op fires in the compiled graph",
-                  "scorer scores the candidates", "states match transformers",
-                  "request latency, with / without capture"):
-        assert any(line.startswith("ok") and check in line for line in table.splitlines()), table
-
-
-def test_check_fails_on_a_scorer_that_does_not_fit(tmp_path):
-    import shutil
-
-    scorer = tmp_path / "scorer"
-    shutil.copytree(REPO / "weights" / "smollm2-135m-instruct", scorer,
-                    ignore=shutil.ignore_patterns("eval"))
-    config = json.loads((scorer / "config.json").read_text())
-    config["layers"] = [40]
-    (scorer / "config.json").write_text(json.dumps(config))
-    out = srr("check", "--scorer-dir", str(scorer), timeout=300)
-    assert out.returncode == 1
-    assert "FAIL  scorer fits the model" in out.stdout and "layer(s) [40]" in out.stdout

@@ -36,6 +36,8 @@ SAMPLING = [
     {"stop": "a"}, {"seed": 0}, {"seed": 2**40}, {"n": 2}, {"max_completion_tokens": 3},
     {"user": "u-1"}, {"stream": True}, {"stream": True, "stream_options": {"include_usage": True}},
     {"response_format": {"type": "text"}}, {"logprobs": False}, {"tool_choice": "none"},
+    {"response_format": {"type": "json_object"}}, {"logprobs": True, "top_logprobs": 2},
+    {"logit_bias": {"1": 5}}, {"stream": True, "logprobs": True},
 ]
 
 
@@ -89,10 +91,14 @@ BAD = [
     (json.dumps({"model": MODEL, "messages": MSG, "stop": [""]}).encode(), 400),
     (json.dumps({"model": MODEL, "messages": MSG, "min_tokens": 50, "max_tokens": 5}).encode(), 400),
     (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "word " * 6000}]}).encode(), 400),
-    (json.dumps({"model": MODEL, "messages": MSG, "logprobs": True}).encode(), 400),
-    (json.dumps({"model": MODEL, "messages": MSG, "response_format": {"type": "json_object"}}).encode(), 400),
+    (json.dumps({"model": MODEL, "messages": MSG, "top_logprobs": 2}).encode(), 400),
+    (json.dumps({"model": MODEL, "messages": MSG, "logprobs": True, "top_logprobs": 21}).encode(), 400),
+    (json.dumps({"model": MODEL, "messages": MSG, "response_format": {"type": "json_schema"}}).encode(), 400),
+    (json.dumps({"model": MODEL, "messages": MSG, "response_format": {"type": "xml"}}).encode(), 400),
     (json.dumps({"model": MODEL, "messages": MSG, "tools": [{"type": "function"}]}).encode(), 400),
-    (json.dumps({"model": MODEL, "messages": MSG, "logit_bias": {"1": 5}}).encode(), 400),
+    (json.dumps({"model": MODEL, "messages": MSG, "logit_bias": {"a": 5}}).encode(), 400),
+    (json.dumps({"model": MODEL, "messages": MSG, "logit_bias": {"1": 500}}).encode(), 400),
+    (json.dumps({"model": MODEL, "messages": MSG, "logit_bias": {"99999999": 5}}).encode(), 400),
     (json.dumps({"model": "gpt-4", "messages": MSG}).encode(), 404),
 ]
 

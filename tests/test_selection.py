@@ -17,11 +17,11 @@ K, TOKENS = 3, 6
 ASK = [{"role": "user", "content": "Name a fruit that is red."}]
 
 
-def chat(engine, scorer, n=1, srr=None, **settings):
+def chat(engine, scorer, n=1, srr=None, request=None, **settings):
     handler = ServingChat(Settings(**settings), engine, scorer, BatchScorer(scorer))
     req = ChatCompletionRequest(
         model=engine.served_model_name, messages=ASK, max_tokens=TOKENS, ignore_eos=True, n=n,
-        seed=7, srr={"candidates": K, "return_candidates": True, **(srr or {})})
+        seed=7, srr={"candidates": K, "return_candidates": True, **(srr or {})}, **(request or {}))
     return engine.run(handler.create(req))
 
 
@@ -46,6 +46,18 @@ def test_refuse_returns_the_refusal_text(engine, scorer):
     assert [c.message.content for c in r.choices] == ["No.", "No."]
 
 
+def test_refusal_under_a_response_format_is_the_messages_refusal(engine, scorer):
+    """A refusal is no valid output for a schema: it goes in message.refusal, content null,
+    as OpenAI answers a refused structured request (the SDKs' parse() and LangChain read it)."""
+    r = chat(engine, scorer, threshold=1.01, fallback="refuse", refusal_text="No.",
+             request={"response_format": {"type": "json_object"}})
+    (choice,) = r.choices
+    assert (choice.message.content, choice.message.refusal) == (None, "No.")
+    assert r.srr.fallback == "refuse"
+    plain = chat(engine, scorer, threshold=1.01, fallback="refuse", refusal_text="No.")
+    assert (plain.choices[0].message.content, plain.choices[0].message.refusal) == ("No.", None)
+
+
 def test_none_returns_the_best_candidate_anyway(engine, scorer):
     r = chat(engine, scorer, threshold=1.01, fallback="none")
     best = int(np.argmax(r.srr.scores))
@@ -64,9 +76,9 @@ def test_resample_serves_the_best_resampled_candidate(engine, scorer, monkeypatc
     tested in test_policy.py); the resampled K under the safety prompt are accepted at
     threshold 0, so the best of those is served: none of the first K."""
     from ranker import policy
-    from server.api import serving_chat
+    from server.api import serving_generate
 
-    monkeypatch.setattr(serving_chat.policy, "decide", lambda *a, **k: policy.Decision(
+    monkeypatch.setattr(serving_generate.policy, "decide", lambda *a, **k: policy.Decision(
         "fallback", (), "resample", resample=True))
     r = chat(engine, scorer, threshold=0.0, fallback="resample")
     assert r.srr.fallback == "resample" and r.srr.selected is None

@@ -22,10 +22,13 @@ from ranker.scorer import SRRScorer
 from server.api import metrics
 from server.api.config import Settings
 from server.api.protocol import (
-    APIError, ChatCompletionRequest, ChatCompletionResponse, ErrorBody, ErrorResponse, ModelCard,
-    ModelList, ScoreRequest, ScoreResponse,
+    APIError, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+    ErrorBody, ErrorResponse, ModelCard, ModelList, ResponseObject, ResponsesRequest, ScoreRequest,
+    ScoreResponse,
 )
 from server.api.serving_chat import ServingChat, stream
+from server.api.serving_completion import ServingCompletion, stream as completion_stream
+from server.api.serving_responses import ServingResponses, stream as responses_stream
 from server.api.serving_score import ServingScore
 
 logger = logging.getLogger(__name__)
@@ -93,6 +96,8 @@ class Servings:
 
     engine: Engine
     chat: ServingChat
+    completion: ServingCompletion
+    responses: ServingResponses
     score: ServingScore
 
     @property
@@ -102,8 +107,9 @@ class Servings:
 
 def build_servings(settings: Settings, engine: Engine, scorer: SRRScorer) -> Servings:
     batch = BatchScorer(scorer)  # one per process: concurrent requests share its forwards
-    return Servings(engine, ServingChat(settings, engine, scorer, batch),
-                    ServingScore(settings, engine, scorer, batch))
+    chat = ServingChat(settings, engine, scorer, batch)
+    return Servings(engine, chat, ServingCompletion(settings, engine, scorer, batch),
+                    ServingResponses(chat), ServingScore(settings, engine, scorer, batch))
 
 
 def create_app(settings: Settings, build_service: Callable[[], Awaitable[Servings]],
@@ -195,17 +201,34 @@ def create_app(settings: Settings, build_service: Callable[[], Awaitable[Serving
     async def models(_: None = Depends(authorize), svc: Servings = Depends(service)):
         return ModelList(data=[ModelCard(id=svc.model_name)])
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-              responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
-                         429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    errors = {status: {"model": ErrorResponse} for status in (400, 404, 429, 503)}
+
+    async def generate(request: Request, create: Callable[[], Awaitable],
+                       stream_events: Callable | None):
+        """One selection, answered whole or as the endpoint's event stream."""
+        result = await limited(lambda: until_disconnected(request, create()))
+        if stream_events is None:
+            return result
+        return StreamingResponse(stream_events(result), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=errors)
     async def chat(body: ChatCompletionRequest, request: Request,
                    _: None = Depends(authorize), svc: Servings = Depends(service)):
-        result = await limited(lambda: until_disconnected(request, svc.chat.create(body)))
-        if not body.stream:
-            return result
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(stream(result, include_usage),
-                                 media_type="text/event-stream")
+        return await generate(request, lambda: svc.chat.create(body),
+                              (lambda r: stream(r, include_usage)) if body.stream else None)
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=errors)
+    async def completions(body: CompletionRequest, request: Request,
+                          _: None = Depends(authorize), svc: Servings = Depends(service)):
+        return await generate(request, lambda: svc.completion.create(body),
+                              completion_stream if body.stream else None)
+
+    @app.post("/v1/responses", response_model=ResponseObject, responses=errors)
+    async def responses(body: ResponsesRequest, request: Request,
+                        _: None = Depends(authorize), svc: Servings = Depends(service)):
+        return await generate(request, lambda: svc.responses.create(body),
+                              responses_stream if body.stream else None)
 
     @app.post("/v1/srr/score", response_model=ScoreResponse,
               responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     audit_log: Path | None = Field(None, description="JSON-lines audit file (off when unset).")
     api_key: str | None = Field(None, description="Bearer key for every /v1 route (off when unset).")
     protect_metrics: bool = Field(False, description="Require the API key on /health and /metrics too.")
+    tool_parser: str | None = Field(
+        None, description="vLLM tool-call parser (default: by architecture, hermes for Qwen2/3; "
+        "none for others, where tools answer 400).")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Model dtype. auto: the model's own, but float32 on a CPU without "
         "native bfloat16 (no AVX512-BF16 or AMX), where bfloat16 is several times slower.")

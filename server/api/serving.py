@@ -10,6 +10,7 @@ from ranker.policy import Policy
 from ranker.scorer import SRRScorer
 from server.api.config import Settings
 from server.api.protocol import APIError, Message
+from server.api.tools import template_messages
 
 
 class Serving:
@@ -33,11 +34,9 @@ class Serving:
             raise APIError(404, f"The model `{model}` does not exist. Available: {self.model_name}",
                            param="model", code="model_not_found")
 
-    def prompt_ids(self, messages: list[Message]) -> list[int]:
-        chat = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in messages]
+    def prompt_ids(self, messages: list[Message], tools: list[dict] | None = None) -> list[int]:
         try:
-            ids = self.engine.prompt_ids(chat)
+            ids = self.engine.prompt_ids(template_messages(messages), tools)
         except Exception as e:  # the chat template rejects some role orders
             raise APIError(400, f"messages could not be formatted: {type(e).__name__}",
                            param="messages") from None

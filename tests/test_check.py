@@ -1,0 +1,66 @@
+"""`srr check` on both named models, and the scorer `srr serve` picks for a model (or
+refuses). Each check starts its own engines in a subprocess; no engine of this process is
+alive meanwhile."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO
+from test_models import srr
+
+
+def test_serve_picks_the_scorer_shipped_for_a_named_model(model_dir, tmp_path):
+    from server.api.config import WEIGHTS_DIR
+    from server.cli import scorer_dir_of
+
+    assert scorer_dir_of(None, model_dir) == WEIGHTS_DIR / "smollm2-135m-instruct"
+    assert scorer_dir_of(tmp_path / "mine", model_dir) == tmp_path / "mine"
+    with pytest.raises(SystemExit, match="--scorer-dir"):
+        scorer_dir_of(None, tmp_path / "some-other-model")
+
+
+def test_serve_refuses_a_scorer_of_another_model():
+    from ranker import models
+
+    qwen = models.prepare("qwen2.5-coder-0.5b-instruct")
+    out = srr("serve", "--model-dir", str(qwen), "--scorer-dir",
+              str(REPO / "weights" / "smollm2-135m-instruct"), timeout=300)
+    assert out.returncode != 0
+    assert "hidden size 576" in out.stderr and "has 896" in out.stderr
+
+
+def test_check_passes_on_the_default_model():
+    out = srr("check", "--k", "3", "--max-tokens", "16")
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    table = out.stdout
+    for check in ("scorer fits the model", "capture op fires in the compiled graph",
+                  "scorer scores the candidates", "states match transformers",
+                  "request latency, with / without capture"):
+        assert any(line.startswith("ok") and check in line for line in table.splitlines()), table
+
+
+def test_check_fails_on_a_scorer_that_does_not_fit(tmp_path):
+    import shutil
+
+    scorer = tmp_path / "scorer"
+    shutil.copytree(REPO / "weights" / "smollm2-135m-instruct", scorer,
+                    ignore=shutil.ignore_patterns("eval"))
+    config = json.loads((scorer / "config.json").read_text())
+    config["layers"] = [40]
+    (scorer / "config.json").write_text(json.dumps(config))
+    out = srr("check", "--scorer-dir", str(scorer), timeout=300)
+    assert out.returncode == 1
+    assert "FAIL  scorer fits the model" in out.stdout and "layer(s) [40]" in out.stdout
+
+
+def test_check_passes_on_qwen_without_a_scorer():
+    """A model of the user's own has no scorer before `srr train`: check captures at the
+    training sweep's layers and skips the scorer's rows."""
+    out = srr("check", "--model-dir", "qwen2.5-coder-0.5b-instruct", "--k", "3", "--max-tokens", "16")
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert "none given: capture checked at the training sweep [3, 6, 9, 12, 14, 18, 21]" in out.stdout
+    assert "ok    capture op fires in the compiled graph" in out.stdout
+    assert "ok    states match transformers" in out.stdout

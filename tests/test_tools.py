@@ -1,0 +1,134 @@
+"""Tool calls through selection on the real engine: vLLM serving Qwen2.5-Coder-0.5B-Instruct
+(its chat template renders tools, its calls are hermes-style), with the OpenAI SDK and
+LangChain's `bind_tools`.
+
+No scorer ships for this model yet, so the server reads a scorer that is untrained (random
+weights, the model's width) at threshold 0: what is tested is how tools go through selection
+(rendering, K candidates under the same tools, parsing the served one), not the ranking."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from conftest import ServerProcess
+
+MODEL = "Qwen2.5-Coder-0.5B-Instruct"
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "required": ["city"], "additionalProperties": False,
+                   "properties": {"city": {"type": "string", "maxLength": 40}}}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris right now? Use the tool."}]
+
+
+@pytest.fixture(scope="module")
+def qwen_server(tmp_path_factory):
+    from ranker import models
+    from ranker.scorer import ScorerConfig, SRRScorer
+
+    model_dir = models.prepare("qwen2.5-coder-0.5b-instruct")
+    scorer_dir = tmp_path_factory.mktemp("untrained-scorer")
+    SRRScorer(ScorerConfig(base_model=MODEL, layers=[12], pooling="mean",
+                           hidden_size=models.shape(model_dir).hidden_size)).save_pretrained(scorer_dir)
+    srv = ServerProcess(args=["--model-dir", str(model_dir), "--scorer-dir", str(scorer_dir),
+                              "--threshold", "0", "--max-tokens", "96"])
+    try:
+        srv.wait_healthy()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=qwen_server.base + "/v1", api_key="unused", max_retries=0, timeout=600)
+
+
+def candidates(r):
+    srr = r.model_dump()["srr"]
+    return srr["candidate_texts"], srr["selected"]
+
+
+def test_named_tool_choice_constrains_every_candidate(qwen):
+    r = qwen.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=48, seed=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        extra_body={"srr": {"candidates": 3, "return_candidates": True}})
+    (choice,) = r.choices
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert set(json.loads(call.function.arguments)) == {"city"}
+    texts, selected = candidates(r)
+    assert call.function.arguments == texts[selected]
+    assert all(set(json.loads(t)) == {"city"} for t in texts)  # all K sampled under the schema
+
+
+def test_auto_tool_call_is_parsed_from_the_served_candidate(qwen):
+    r = qwen.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=64, seed=0, temperature=0.3,
+        extra_body={"srr": {"candidates": 4, "return_candidates": True}})
+    texts, selected = candidates(r)
+    assert '"get_weather"' in texts[selected]  # the model calls the tool when told to (seeded)
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    assert "paris" in json.loads(call.function.arguments)["city"].lower()
+    assert r.choices[0].finish_reason == "tool_calls"
+
+
+def test_a_bare_json_call_is_a_call_and_other_json_is_text():
+    from server.api.tools import bare_calls
+
+    names = {"get_weather"}
+    fenced = '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```'
+    (call,) = bare_calls(fenced, names)
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+    assert bare_calls('{"name": "rm_rf", "arguments": {}}', names) == []  # not an offered tool
+    assert bare_calls('Sure: {"name": "get_weather", "arguments": {}}', names) == []  # prose around it
+    assert bare_calls('{"name": "get_weather", "arguments": "Paris"}', names) == []
+
+
+def test_tool_result_turn_is_rendered(qwen):
+    messages = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C, light rain"}]
+    r = qwen.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], max_tokens=32,
+                                     seed=0, tool_choice="none", extra_body={"srr": {"candidates": 2}})
+    assert r.choices[0].message.content and not r.choices[0].message.tool_calls
+
+
+def test_streamed_tool_call(qwen):
+    chunks = list(qwen.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=48, seed=0, stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        extra_body={"srr": {"candidates": 2}}))
+    calls = [tc for c in chunks for ch in c.choices for tc in (ch.delta.tool_calls or [])]
+    assert [tc.function.name for tc in calls] == ["get_weather"]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tools_on_a_model_whose_template_ignores_them_is_a_400(server):
+    body = {"model": "SmolLM2-135M-Instruct", "messages": ASK, "tools": [WEATHER]}
+    r = httpx.post(server.base + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and "does not render tools" in r.json()["error"]["message"]
+
+
+def test_langchain_bind_tools(qwen_server):
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return "18 C"
+
+    llm = ChatOpenAI(base_url=qwen_server.base + "/v1", api_key="unused", model=MODEL, max_tokens=64,
+                     max_retries=0, seed=0, extra_body={"srr": {"candidates": 2}})
+    msg = llm.bind_tools([get_weather], tool_choice="get_weather").invoke(ASK[0]["content"])
+    assert [c["name"] for c in msg.tool_calls] == ["get_weather"]
+    assert isinstance(msg.tool_calls[0]["args"].get("city"), str)
