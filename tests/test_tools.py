@@ -32,8 +32,11 @@ def qwen_server(tmp_path_factory):
     scorer_dir = tmp_path_factory.mktemp("untrained-scorer")
     SRRScorer(ScorerConfig(base_model=MODEL, layers=[12], pooling="mean",
                            hidden_size=models.shape(model_dir).hidden_size)).save_pretrained(scorer_dir)
-    srv = ServerProcess(args=["--model-dir", str(model_dir), "--scorer-dir", str(scorer_dir),
-                              "--threshold", "0", "--max-tokens", "96"])
+    audit = scorer_dir / "audit.jsonl"
+    srv = ServerProcess({"SRR_AUDIT_LOG": str(audit)},
+                        ["--model-dir", str(model_dir), "--scorer-dir", str(scorer_dir),
+                         "--threshold", "0", "--max-tokens", "96"])
+    srv.audit = audit
     try:
         srv.wait_healthy()
         yield srv
@@ -66,6 +69,17 @@ def test_named_tool_choice_constrains_every_candidate(qwen):
     texts, selected = candidates(r)
     assert call.function.arguments == texts[selected]
     assert all(set(json.loads(t)) == {"city"} for t in texts)  # all K sampled under the schema
+
+
+def test_a_tool_call_is_audited_without_its_text(qwen, qwen_server):
+    r = qwen.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=48, seed=1,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        extra_body={"srr": {"candidates": 2}})
+    record = next(json.loads(line) for line in qwen_server.audit.read_text().splitlines()
+                  if json.loads(line)["id"] == r.id)
+    (answer,) = record["response"]
+    assert answer.startswith("sha256:") and "Paris" not in answer
 
 
 def test_auto_tool_call_is_parsed_from_the_served_candidate(qwen):

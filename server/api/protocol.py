@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -329,6 +330,12 @@ class ChatMessageOut(BaseModel):
     refusal: str | None = Field(None, description="The refusal fallback under a response_format "
                                 "(content is then null): a refusal is not valid for a schema.")
     tool_calls: list[ToolCall] | None = None
+
+    def answer(self) -> str:
+        """What was answered, as one text (for the audit log): content, refusal or the calls."""
+        if self.tool_calls:
+            return json.dumps([c.function.model_dump() for c in self.tool_calls])
+        return self.content if self.content is not None else self.refusal or ""
 
 
 class TopLogprob(BaseModel):

@@ -38,7 +38,7 @@ class ServingChat(ServingGenerate):
                         total_tokens=sel.prompt_tokens + sel.completion_tokens))
         self.record(response.id, sel, time.perf_counter() - t_start,
                     json.dumps([m.model_dump() for m in req.messages]),
-                    [c.message.content or c.message.refusal for c in response.choices])
+                    [c.message.answer() for c in response.choices])
         return response
 
     def choices(self, req: ChatCompletionRequest, sel: Selection) -> list[Choice]:
