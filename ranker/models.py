@@ -96,7 +96,7 @@ def prepare(name: str = DEFAULT, cache_dir: Path | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    hf = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, torch_dtype=torch.bfloat16)
+    hf = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.bfloat16)
     # The GGUF is dequantized on load; drop the quantizer so the folder is plain bfloat16.
     hf.hf_quantizer = None
     hf.is_quantized = False

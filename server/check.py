@@ -174,8 +174,11 @@ async def run(model_dir: Path, scorer_dir: Path | None, cache_dir: Path, k: int 
         rows.append(Row("plain vLLM for comparison", False, f"{type(e).__name__}: {e}"))
         return rows
     a, b = statistics.median(with_capture), statistics.median(without)
+    # Informational: a few requests per side, so other load on the machine moves it (a run
+    # beside a training job read 1.47x where a quiet rerun read 1.08x); `srr bench` measures.
     rows.append(Row("request latency, with / without capture", True,
-                    f"p50 {a:.2f} s / {b:.2f} s ({a / b:.2f}x), K={k}, {max_tokens} tokens"))
+                    f"p50 {a:.2f} s / {b:.2f} s ({a / b:.2f}x) over {len(with_capture)} requests "
+                    f"each, K={k}, {max_tokens} tokens; informational, see srr bench"))
     return rows
 
 
