@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -113,22 +114,29 @@ class ServerProcess:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="session")
-def server(model_dir):
-    """One server for the API and robustness tests: small limits keep fuzzing and load cheap.
-    Threshold 0: every request selects a candidate, so the tests of what is returned always
-    run (the fallbacks are tested in test_selection.py)."""
-    (REPO / ".pytest_cache").mkdir(exist_ok=True)
-    audit = REPO / ".pytest_cache" / "audit.jsonl"
+@contextlib.contextmanager
+def audited_server(audit: Path, args: list[str]):
+    """`srr serve` with `args` and a fresh audit log (`srv.audit`), healthy before use and
+    stopped after."""
     audit.unlink(missing_ok=True)
-    srv = ServerProcess({"SRR_AUDIT_LOG": str(audit)},
-                        ["--max-tokens", "64", "--max-candidates", "8", "--threshold", "0"])
+    srv = ServerProcess({"SRR_AUDIT_LOG": str(audit)}, args)
     srv.audit = audit
     try:
         srv.wait_healthy()
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def server(model_dir):
+    """One server for the API and robustness tests: small limits keep fuzzing and load cheap.
+    Threshold 0: every request selects a candidate, so the tests of what is returned always
+    run (the fallbacks are tested in test_selection.py)."""
+    (REPO / ".pytest_cache").mkdir(exist_ok=True)
+    with audited_server(REPO / ".pytest_cache" / "audit.jsonl",
+                        ["--max-tokens", "64", "--max-candidates", "8", "--threshold", "0"]) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import json
 import httpx
 import pytest
 
-from conftest import ServerProcess
+from conftest import audited_server
 
 MODEL = "Qwen2.5-Coder-0.5B-Instruct"
 WEATHER = {"type": "function", "function": {
@@ -32,16 +32,10 @@ def qwen_server(tmp_path_factory):
     scorer_dir = tmp_path_factory.mktemp("untrained-scorer")
     SRRScorer(ScorerConfig(base_model=MODEL, layers=[12], pooling="mean",
                            hidden_size=models.shape(model_dir).hidden_size)).save_pretrained(scorer_dir)
-    audit = scorer_dir / "audit.jsonl"
-    srv = ServerProcess({"SRR_AUDIT_LOG": str(audit)},
+    with audited_server(scorer_dir / "audit.jsonl",
                         ["--model-dir", str(model_dir), "--scorer-dir", str(scorer_dir),
-                         "--threshold", "0", "--max-tokens", "96"])
-    srv.audit = audit
-    try:
-        srv.wait_healthy()
+                         "--threshold", "0", "--max-tokens", "96"]) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

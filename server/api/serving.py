@@ -40,9 +40,13 @@ class Serving:
         except Exception as e:  # the chat template rejects some role orders
             raise APIError(400, f"messages could not be formatted: {type(e).__name__}",
                            param="messages") from None
+        return self.fitting(ids, "messages")
+
+    def fitting(self, ids: list[int], param: str) -> list[int]:
+        """The prompt's ids, or a 400 `context_length_exceeded` when they fill the context."""
         if len(ids) >= self.engine.context_length:
             raise context_error(f"The prompt is {len(ids)} tokens; this model's context length "
-                                f"is {self.engine.context_length}.", "messages")
+                                f"is {self.engine.context_length}.", param)
         return ids
 
     async def score(self, features: list[Features]) -> tuple[list[float], list[float]]:

@@ -17,7 +17,6 @@ from ranker.policy import SAFETY_SYSTEM_PROMPT
 from server.api.protocol import (
     APIError, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage,
 )
-from server.api.serving import context_error
 from server.api.serving_generate import Selection, ServingGenerate, token_logprobs
 
 
@@ -41,10 +40,7 @@ class ServingCompletion(ServingGenerate):
         ids = self.engine.tokenizer.encode(text)
         if not ids:
             raise APIError(400, "prompt must not be empty", param="prompt")
-        if len(ids) >= self.engine.context_length:
-            raise context_error(f"The prompt is {len(ids)} tokens; this model's context length "
-                                f"is {self.engine.context_length}.", "prompt")
-        return ids
+        return self.fitting(ids, "prompt")
 
     def choices(self, req: CompletionRequest, sel: Selection) -> list[CompletionChoice]:
         if not sel.decision.order:  # the refusal

@@ -64,25 +64,24 @@ def sampling_params(req: SamplingRequest, k: int, prompt_len: int, limit: int,
         opt["logprobs"] = top  # vLLM returns the sampled token's besides
     if req.logit_bias:
         opt["logit_bias"] = {int(t): b for t, b in req.logit_bias.items()}
-    if fmt := req.structure():
-        opt["structured_outputs"] = structured_outputs(fmt)
-    elif schema is not None:
-        from vllm.sampling_params import StructuredOutputsParams
-
-        opt["structured_outputs"] = StructuredOutputsParams(json=schema)
+    if (constraint := structured_outputs(req.structure(), schema)) is not None:
+        opt["structured_outputs"] = constraint
     try:
         return SamplingParams(n=k, max_tokens=max_tokens, ignore_eos=req.ignore_eos, **opt)
     except Exception as e:  # noqa: BLE001 - vLLM's validation errors are client errors
         raise APIError(400, str(e)) from None
 
 
-def structured_outputs(fmt: ResponseFormat) -> Any:
-    """vLLM's structured-output constraint for a response_format: every candidate obeys it."""
+def structured_outputs(fmt: ResponseFormat | None, schema: dict | None) -> Any:
+    """vLLM's structured-output constraint that every candidate obeys: a response_format's,
+    else a tool call's JSON schema; None when neither is asked for."""
     from vllm.sampling_params import StructuredOutputsParams
 
-    if fmt.type == "json_object":
+    if fmt is not None and fmt.type == "json_object":
         return StructuredOutputsParams(json_object=True)
-    return StructuredOutputsParams(json=fmt.json_schema.schema_)
+    if fmt is not None:
+        return StructuredOutputsParams(json=fmt.json_schema.schema_)
+    return None if schema is None else StructuredOutputsParams(json=schema)
 
 
 def token_logprobs(c: Candidate, top: int) -> list[tuple[tuple[str, float], list[tuple[str, float]]]]:

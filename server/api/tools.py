@@ -26,14 +26,20 @@ class Tools:
     vLLM parser reads its calls."""
 
     def __init__(self, tokenizer: Any, model_type: str, parser: str | None):
-        self.tokenizer = tokenizer
         self.renders = "tools" in (tokenizer.chat_template or "")
         self.parser_name = parser or PARSERS.get(model_type)
+        # Built once: a parser looks its tags up in the tokenizer's whole vocabulary, and its
+        # non-streaming extract_tool_calls keeps no state between calls.
+        self.parser = None
+        if self.parser_name:
+            from vllm.tool_parsers import ToolParserManager
+
+            self.parser = ToolParserManager.get_tool_parser(self.parser_name)(tokenizer)
 
     def check(self, req: ChatCompletionRequest) -> None:
         if req.tool_mode() and not self.renders:
             raise APIError(400, "this model's chat template does not render tools", param="tools")
-        if req.tool_mode() == "auto" and self.parser_name is None:
+        if req.tool_mode() == "auto" and self.parser is None:
             raise APIError(400, "no tool-call parser for this model (set SRR_TOOL_PARSER)",
                            param="tools")
 
@@ -66,10 +72,7 @@ class Tools:
                           for c in calls]
         if mode != "auto":
             return text, []
-        from vllm.tool_parsers import ToolParserManager
-
-        parser = ToolParserManager.get_tool_parser(self.parser_name)(self.tokenizer)
-        info = parser.extract_tool_calls(text, request=None)
+        info = self.parser.extract_tool_calls(text, request=None)
         if info.tools_called:
             return info.content or None, [ToolCall(function=FunctionCall(
                 name=c.function.name, arguments=c.function.arguments)) for c in info.tool_calls]
