@@ -201,6 +201,14 @@ def test_prefilled_refusal_continues_the_opening(engine, tmp_path):
     assert text.startswith("I cannot") and len(text) > len("I cannot")
     assert json.loads((tmp_path / "p.json").read_text()) == out  # cached for the next run
 
+    # A resumed run keeps what is cached and draws each new prompt's opening as a fresh run would.
+    other, openings = "Name three uses of tin.", ["I cannot", "I'm sorry, but", "No."]
+    resumed = engine.run(pools.prefilled(engine, [prompt, other], openings, 1, 8, tmp_path / "p.json"))
+    alone = engine.run(pools.prefilled(engine, [other], openings, 1, 8, tmp_path / "q.json"))
+    assert resumed[prompt] == out[prompt]
+    assert [o for o in openings if resumed[other][0].startswith(o)] == \
+        [o for o in openings if alone[other][0].startswith(o)]
+
 
 def test_sampled_pool_equals_its_reload(engine, tmp_path):
     """A run that samples a pool trains on exactly what a rerun loads from the cache."""

@@ -160,7 +160,8 @@ def test_crossfit_scores_each_pool_with_a_model_that_never_saw_its_request():
     goal = {f"wrapped harm {i}": f"harm {i}" for i in range(10)}
     seen = []
 
-    def fit(train_items):  # fold f's model says P(acceptable) = sigmoid(f) for every candidate
+    def fit(train_items, fold):  # fold f's model says P(acceptable) = sigmoid(f) for every candidate
+        assert fold == len(seen)
         seen.append({it.prompt for it in train_items})
         model = SRRScorer(ScorerConfig(base_model="m", layers=[4], pooling="mean", hidden_size=16,
                                        d_model=8, n_heads=2, calib_a=0.0, calib_b=len(seen) - 1.0))
@@ -175,6 +176,26 @@ def test_crossfit_scores_each_pool_with_a_model_that_never_saw_its_request():
     for p, x in picks.items():
         assert x.prompt == p and len(x.scores) == len(x.probabilities) == 3
         assert x.best_probability == pytest.approx(torch.sigmoid(torch.tensor(float(fold_of(p)))).item())
+
+
+def test_a_cached_fit_is_trained_once_and_reloaded_equal(tmp_path):
+    from ranker.training.train import cached
+
+    calls = []
+
+    def fit():
+        calls.append(1)
+        torch.manual_seed(len(calls))
+        return SRRScorer(ScorerConfig(base_model="m", layers=[4], pooling="mean", hidden_size=16,
+                                      d_model=8, n_heads=2)).eval()
+
+    first = cached(tmp_path / "cell", fit)
+    again = cached(tmp_path / "cell", fit)
+    assert len(calls) == 1
+    x, c = torch.randn(16), torch.randn(3, 16)
+    assert first.score(x, c) == again.score(x, c)
+    cached(tmp_path / "other", fit)
+    assert len(calls) == 2
 
 
 def test_seed_mean_averages_nested_numbers_with_their_spread():

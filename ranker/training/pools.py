@@ -105,22 +105,30 @@ def refusal_openings(refusals: list[str], words: int = 8) -> list[str]:
 
 async def prefilled(engine, prompts: list[str], openings: list[str], per_prompt: int,
                     max_tokens: int, cache: Path, seed: int = 0,
-                    max_prompt_tokens: int = 1024) -> dict[str, list[str]]:
+                    max_prompt_tokens: int = 1024, save_every: int = 100) -> dict[str, list[str]]:
     """prompt -> `per_prompt` refusals in the serving model's own words, on the prompt's topic:
     the assistant turn starts with a seeded real refusal opening and the model continues it.
 
     The default model almost never refuses (docs/evaluation.md), so without this the only
     refusals in its lists are other prompts' (off-topic): a scorer then learns "an on-topic
     refusal is always right", and ranks refusals first on benign prompts. Cached as JSON,
-    texts only: features come from the encode path, with the whole text as the response."""
+    texts only: features come from the encode path, with the whole text as the response.
+    Saved every `save_every` new prompts; each prompt's openings are seeded by the prompt, so
+    a resumed run draws what an uninterrupted one would."""
     from tqdm.asyncio import tqdm_asyncio
     from vllm import SamplingParams
 
     store: dict[str, list[str]] = json.loads(cache.read_text()) if cache.exists() else {}
     todo = [p for p in dict.fromkeys(prompts) if p not in store]
-    rng = random.Random(seed)
-    plan = {p: rng.sample(openings, per_prompt) for p in todo}
+    plan = {p: random.Random(f"{seed}\x00{p}").sample(openings, per_prompt) for p in todo}
     sem = asyncio.Semaphore(8)
+    done = 0
+
+    def save() -> None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(store))
+        tmp.rename(cache)
 
     async def one(p: str) -> None:
         async with sem:
@@ -134,11 +142,14 @@ async def prefilled(engine, prompts: list[str], openings: list[str], per_prompt:
                     n=1, max_tokens=max_tokens, temperature=1.0))
                 texts.append(head + gen.candidates[0].text)
             store[p] = texts
+            nonlocal done
+            done += 1
+            if done % save_every == 0:
+                save()
 
     if todo:
         await tqdm_asyncio.gather(*(one(p) for p in todo), desc=f"prefilled {cache.stem}")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(store))
+        save()
     return store
 
 

@@ -32,7 +32,7 @@ import torch
 
 from ranker import models
 from ranker.policy import Policy
-from ranker.scorer import ScorerConfig
+from ranker.scorer import ScorerConfig, SRRScorer
 from ranker.training import pools
 from ranker.training.calibrate import (
     MAX_EDGY_FALLBACK, MAX_FALLBACK, choose_threshold, fit_calibration, threshold_interval,
@@ -53,6 +53,17 @@ from ranker.training.stats import by_kind, expected_calibration_error, seed_mean
 VERSION = "0.7.0"  # of the training recipe: the scorer's version, whatever its model
 VARIANTS = ((0.0, 1), (1.0, 1), (3.0, 1), (1.0, 5))
 CROSSFIT_FOLDS = 5
+
+
+def cached(folder: Path, fit) -> SRRScorer:
+    """`fit()`, a freshly trained scorer, saved to `folder`, or loaded from it when an earlier
+    run saved it there: the ~60 trainings of a run take hours on 2 cores, so an interrupted
+    run resumes. The folder's path names everything the training depends on."""
+    if (folder / "config.json").exists():
+        return SRRScorer.from_pretrained(folder)
+    model = fit()
+    model.save_pretrained(folder)
+    return model
 
 
 def emphasized(lists: list[RankList], prompts: set[str], times: int) -> list[RankList]:
@@ -105,12 +116,12 @@ def fold_of(request: str, folds: int = CROSSFIT_FOLDS) -> int:
 def crossfit_benign(fit, items: list[Item], goal: dict[str, str], benign_pools: dict,
                     k: int = 8, folds: int = CROSSFIT_FOLDS) -> dict[str, pools.Pick]:
     """Each benign *training* pool's pick, scored by a model fitted
-    (`fit`: items -> calibrated scorer) without its fold's requests; a wrapped prompt goes
+    (`fit`: (items, fold) -> calibrated scorer) without its fold's requests; a wrapped prompt goes
     with the request inside it. The 2% quantile of ~100 validation pools rests on two of
     them; these add ~400 pools that the scorer scoring them never saw."""
     out = {}
     for f in range(folds):
-        model = fit([it for it in items if fold_of(goal.get(it.prompt, it.prompt), folds) != f])
+        model = fit([it for it in items if fold_of(goal.get(it.prompt, it.prompt), folds) != f], f)
         out.update({prompt: pools.pick(model, prompt, cands, k) for prompt, cands in benign_pools.items()
                     if fold_of(prompt, folds) == f})
     return out
@@ -135,14 +146,16 @@ async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30)
     held = ("val", "test", "xstest")
     cfg = lambda layer, pooling: ScorerConfig(  # noqa: E731
         layers=[layer], pooling=pooling, name=f"srr-{out_dir.name}", version=VERSION, **base)
+    # Trained scorers are cached by recipe version, training data and epochs.
+    fits = cache_dir / "train" / model_dir.name / f"fits-{VERSION}-{sha_of(train_r)}-e{epochs}"
     best = None
     for layer in engine.layers:
         for pooling in ("mean", "last"):
             ls = {k: make_lists(parts[k], store, [layer], pooling) for k in ("train", *held)}
             fitted, runs = [], []
             for seed in SEEDS:
-                fitted.append(train(cfg(layer, pooling), ls["train"], epochs=epochs, seed=seed,
-                                    progress=False))
+                fitted.append(cached(fits / f"L{layer}-{pooling}-s{seed}", lambda: train(
+                    cfg(layer, pooling), ls["train"], epochs=epochs, seed=seed, progress=False)))
                 runs.append({k: by_kind(predict(fitted[-1], ls[k]), ls[k]) for k in held})
                 va = runs[-1]["val"]
                 va["mean_top1"] = (va["top1_harmful"] + va["top1_benign"]) / 2
@@ -168,17 +181,18 @@ async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30)
     # the mean over seeds.
     edgy = edgy_prompts()
 
-    def fit(train_lists, seed, variant, progress=True):
+    def fit(train_lists, seed, variant, name, progress=True):
         weight, times = variant
-        return calibrated(train(cfg(layer, pooling), emphasized(train_lists, edgy, times),
-                                epochs=epochs, seed=seed, pointwise=weight, progress=progress))
+        return calibrated(cached(fits / f"L{layer}-{pooling}-w{weight:g}x{times}-{name}", lambda: train(
+            cfg(layer, pooling), emphasized(train_lists, edgy, times), epochs=epochs, seed=seed,
+            pointwise=weight, progress=progress)))
 
     candidates = {}
     for variant in VARIANTS:
         candidates[variant] = []
         for i, seed in enumerate(SEEDS):
             model = (calibrated(listwise_models[i]) if variant == (0.0, 1)
-                     else fit(lists["train"], seed, variant))
+                     else fit(lists["train"], seed, variant, f"s{seed}"))
             candidates[variant].append((model, pool_decisions(model, val_pools, label, edgy)))
         mean = seed_mean([d for _, d in candidates[variant]])
         print(f"variant {variant}: {json.dumps(mean)}", file=sys.stderr)
@@ -187,7 +201,8 @@ async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30)
     # The shipped threshold rests on the benign training pools too, each scored by a fold model
     # that never saw it (the variant above was chosen with validation-only thresholds).
     crossfit = crossfit_benign(
-        lambda items: fit(make_lists(items, store, [layer], pooling), SEEDS[0], variant, False),
+        lambda items, f: fit(make_lists(items, store, [layer], pooling), SEEDS[0], variant,
+                             f"fold{f}", False),
         parts["train"], ds.pools.goal, ds.pools_of("train")["benign"])
     decisions = pool_decisions(model, val_pools, label, edgy, more_benign=crossfit)
     model.config.threshold = decisions["threshold"]
