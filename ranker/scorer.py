@@ -18,6 +18,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -43,6 +44,8 @@ class ScorerConfig:
     tau: float = 0.1
     calib_a: float = 1.0  # P(acceptable) = sigmoid(calib_a * score + calib_b)
     calib_b: float = 0.0
+    # Per list size K (str), [a, b] for the candidate served from K: see `probability`.
+    served_calibration: dict[str, list[float]] = field(default_factory=dict)
     threshold: float = 0.5  # on P(acceptable); chosen on validation
     name: str = "srr"
     version: str = "0"
@@ -92,7 +95,19 @@ class SRRScorer(nn.Module):
         return scores
 
     def probability(self, scores: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.config.calib_a * scores + self.config.calib_b)
+        """P(acceptable) per candidate, [..., K] -> [..., K]; masked candidates are -inf.
+
+        With a served calibration, the mapping is the one fitted for a list of this size
+        (the row's finite scores), so the top candidate's value is P(the served candidate is
+        acceptable), the number the threshold is set on; sizes between fitted ones
+        interpolate a and b in log2 K, sizes outside take the nearest."""
+        if not self.config.served_calibration:
+            return torch.sigmoid(self.config.calib_a * scores + self.config.calib_b)
+        ks, ab = zip(*sorted((int(k), v) for k, v in self.config.served_calibration.items()))
+        ab = np.array(ab)
+        size = np.log2(np.maximum(torch.isfinite(scores).sum(-1, keepdim=True).numpy(), 1))
+        a, b = (torch.from_numpy(np.interp(size, np.log2(ks), ab[:, i])).float() for i in (0, 1))
+        return torch.sigmoid(a * scores + b)
 
     @torch.no_grad()
     def score(self, instruction, candidates) -> tuple[list[float], list[float]]:

@@ -124,6 +124,10 @@ PACKAGE_COUNTS = {
     "load_harmbench": 300,  # 200 standard + 100 contextual
     "load_weighted_safety": 120,
     "load_freshqa": 600,
+    "load_tense_rephrasings": 1420,  # 730 past + 690 future
+    "load_guardmeter": 88,  # the English rows of 110
+    "load_aplomb_anchors": 50,
+    "load_wild_templates": 521,  # of 666: the rest are over 3,000 characters
 }
 
 
@@ -159,6 +163,24 @@ def test_jailbreak_templates_wrap_a_prompt(cache: Path) -> None:
     probe = "PROBE {{ not jinja }} %}"  # the prompt is a value, never parsed as a template
     wrapped = sum(probe in (w := data.wrap(t, probe)) and len(w) > len(probe) for t in templates)
     assert wrapped == count
+
+
+def test_wild_templates_hold_the_request_once_and_their_text_verbatim(cache: Path) -> None:
+    templates = data.load_wild_templates(cache)
+    probe = "PROBE {{ not jinja }} %}"
+    assert all(data.wrap(t, probe).count(probe) >= 1 for t in templates)
+    # Outside the slot the prompt's own text comes back unchanged: no raw-block markers.
+    assert not any("raw %}" in data.wrap(t, probe) for t in templates)
+    slotted = sum(t.count("{{ prompt }}") for t in templates) - len(templates)
+    assert 0 <= slotted <= 10  # three prompts name their slot more than once (2, 4, 6 times)
+
+
+def test_guardmeter_obfuscates_benign_and_unsafe_rows_alike(cache: Path) -> None:
+    rows = data.load_guardmeter(cache)
+    assert Counter(p.harmful for p in rows) == {False: 53, True: 35}
+    kinds = {(p.source, p.harmful) for p in rows}
+    for attack in ("guardmeter/leetspeak", "guardmeter/obfuscation"):
+        assert (attack, True) in kinds and (attack, False) in kinds
 
 
 BALANCED = ["load_pyrit_objective", "load_pyrit_harm", "load_pyrit_many_shot",

@@ -652,3 +652,46 @@ def test_capture_pools_only_the_real_rows_of_a_padded_batch():
     assert np.array_equal(vec(got["a"], "last"), [[4, 4]]) and np.array_equal(vec(got["b"], "last"), [[13, 13]])
     assert (got["a"]["response_rows"], got["b"]["response_rows"]) == (2, 2)
     assert (got["a"]["rows"], got["b"]["rows"]) == (5, 4)  # fed rows: real ones only
+
+
+def test_served_calibration_keeps_more_candidates_from_serving_more_unacceptable_ones():
+    """Pools with no acceptable candidate (scores ~ N(0, 1)) and pools of acceptable ones
+    (~ N(1.5, 1)), the threshold set on the benign pools at K=8. Calibrated on single
+    candidates, the best of K unacceptable ones passes more often as K grows; calibrated on
+    the served (top-ranked) candidate at each K, it passes less often, and the benign pools'
+    fallback rate stays near its budget at every K."""
+    from ranker.training.calibrate import choose_threshold, fit_served_calibration
+
+    rng = np.random.default_rng(0)
+    n, ks = 2000, (1, 2, 4, 8, 16)
+    bad, good = rng.normal(0, 1, (n, 16)), rng.normal(1.5, 1, (n, 16))
+    served = fit_served_calibration({k: np.concatenate([bad[:, :k].max(1), good[:, :k].max(1)]) for k in ks},
+                                    {k: np.r_[np.zeros(n), np.ones(n)] for k in ks})
+    cfg = dict(base_model="m", layers=[1], pooling="mean", hidden_size=4)
+    per_k = SRRScorer(ScorerConfig(**cfg, served_calibration=served))
+    single = SRRScorer(ScorerConfig(**cfg, calib_a=served["1"][0], calib_b=served["1"][1]))
+
+    def top(model, x, k):
+        return model.probability(torch.tensor(x[:, :k])).max(1).values.numpy()
+
+    def rates(model):
+        thr = choose_threshold(top(model, good, 8))
+        return ([float((top(model, bad, k) >= thr).mean()) for k in ks],
+                [float((top(model, good, k) < thr).mean()) for k in ks])
+
+    bad_single, _ = rates(single)
+    bad_served, fallback_served = rates(per_k)
+    assert all(a < b for a, b in zip(bad_single, bad_single[1:]))
+    assert all(a > b for a, b in zip(bad_served, bad_served[1:]))
+    assert max(fallback_served) <= 0.05
+
+
+def test_served_probability_interpolates_between_fitted_list_sizes():
+    model = SRRScorer(ScorerConfig(base_model="m", layers=[1], pooling="mean", hidden_size=4,
+                                   served_calibration={"1": [1.0, 0.0], "4": [1.0, -2.0]}))
+    ninf = float("-inf")
+    p = model.probability(torch.tensor([[0.0, 0.0, ninf, ninf], [0.0, 0.0, 0.0, 0.0]]))
+    assert p[0, :2].tolist() == pytest.approx([torch.sigmoid(torch.tensor(-1.0)).item()] * 2)  # K=2
+    assert p[1].tolist() == pytest.approx([torch.sigmoid(torch.tensor(-2.0)).item()] * 4)
+    assert p[0, 2:].tolist() == [0.0, 0.0]
+    assert model.probability(torch.zeros(32)).tolist() == pytest.approx([p[1, 0].item()] * 32)

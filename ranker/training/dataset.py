@@ -81,6 +81,13 @@ def harmful_prompts(eval_prompts: list[str], n_donotanswer: int = DNA_PROMPTS) -
     return [p.text for p in data.remove_overlap(data.load_harmbench() + dna + wsr, eval_prompts)]
 
 
+def wrapped_in_training_templates(requests: list[str]) -> dict[str, str]:
+    """Each request inside a seeded template of pyrit's training half: wrapped -> request."""
+    rng = random.Random(SEED)
+    templates = template_split()[0]
+    return {data.wrap(rng.choice(templates), p): p for p in requests}
+
+
 @dataclass
 class Pools:
     """The serving model's own candidate pools for training prompts (see ranker.training.pools)."""
@@ -98,9 +105,7 @@ async def training_pools(engine, eval_prompts: list[str], openings: list[str]) -
     continue a real refusal opening. Prompts over 1024 tokens are left out: on 2 CPU cores
     the longest templates and WritingBench reference documents would dominate the time."""
     harm = harmful_prompts(eval_prompts)
-    rng = random.Random(SEED)
-    train_templates = template_split()[0]
-    goal = {data.wrap(rng.choice(train_templates), p): p for p in harm}
+    goal = wrapped_in_training_templates(harm)
     d = engine.cache_dir / "train" / engine.model_dir.name
     sample = lambda ps, name, limit: pools.sample(  # noqa: E731
         engine, ps, POOL_K, POOL_TOKENS, d / f"pool-{name}-{POOL_K}x{POOL_TOKENS}.npz",

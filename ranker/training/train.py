@@ -35,7 +35,8 @@ from ranker.policy import Policy
 from ranker.scorer import ScorerConfig, SRRScorer
 from ranker.training import pools
 from ranker.training.calibrate import (
-    MAX_EDGY_FALLBACK, MAX_FALLBACK, choose_threshold, fit_calibration, threshold_interval,
+    MAX_EDGY_FALLBACK, MAX_FALLBACK, SERVED_KS, choose_threshold, fit_calibration,
+    fit_served_calibration, threshold_interval,
 )
 from ranker.training.dataset import (
     DNA_PROMPTS, POOL_K, POOL_TOKENS, PREFILLED, SEED, SEEDS, SPLIT, dataset, edgy_prompts,
@@ -108,6 +109,20 @@ def pool_decisions(model, pools_by_kind: dict[str, dict], label: dict, edgy: set
     return out
 
 
+def served_calibration(model, pools_by_kind: dict[str, dict], label: dict) -> dict[str, list[float]]:
+    """`fit_served_calibration` on these pools (harmful, wrapped and benign together, as they
+    come): at each K of SERVED_KS, each pool's top-ranked of its first K candidates."""
+    tops: dict[int, list[float]] = {}
+    oks: dict[int, list[bool]] = {}
+    for k in SERVED_KS:
+        for store in pools_by_kind.values():
+            for prompt, cands in store.items():
+                x = pools.pick(model, prompt, cands, k)
+                tops.setdefault(k, []).append(x.scores[x.best])
+                oks.setdefault(k, []).append(label[(prompt, cands[x.best].text)])
+    return fit_served_calibration(tops, oks)
+
+
 def fold_of(request: str, folds: int = CROSSFIT_FOLDS) -> int:
     """A request's cross-fitting fold: a seeded hash, stable across runs and processes."""
     return zlib.crc32(f"{SEED}\x00{request}".encode()) % folds
@@ -174,6 +189,7 @@ async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30)
     def calibrated(model):
         model.config.calib_a, model.config.calib_b = fit_calibration(
             predict(model, lists["val"]), lists["val"])
+        model.config.served_calibration = served_calibration(model, val_pools, label)
         return model
 
     # The training variant is chosen on validation pools for what it is meant to improve:
