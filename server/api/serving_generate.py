@@ -29,6 +29,7 @@ class Scored:
     scores: list[float]  # empty: scoring failed
     probabilities: list[float]
     seconds: float
+    risk: float | None = None  # the scorer's P(harmful request); None without a risk head
 
 
 @dataclass
@@ -156,8 +157,8 @@ class ServingGenerate(Serving):
         else:
             try:
                 t0 = time.perf_counter()
-                scores, probs = await self.score([c.features for c in gen.candidates])
-                return Scored(gen, scores, probs, time.perf_counter() - t0)
+                scores, probs, risk = await self.score([c.features for c in gen.candidates])
+                return Scored(gen, scores, probs, time.perf_counter() - t0, risk)
             except Exception as e:  # noqa: BLE001 - any scorer fault takes the policy's path
                 error = e
         logger.error("scoring failed: %s", type(error).__name__)
@@ -167,7 +168,7 @@ class ServingGenerate(Serving):
         gen, scored, decision = sel.scored.generation, sel.scored, sel.decision
         info = SRRInfo(
             candidates=len(gen.candidates), selected=decision.selected, scores=scored.scores,
-            probabilities=scored.probabilities, layer=self.scorer.config.layers,
+            probabilities=scored.probabilities, request_risk=scored.risk, layer=self.scorer.config.layers,
             scorer=self.scorer_name, threshold=self.policy.threshold, fallback=decision.fallback,
             mode=req.srr.mode if req.srr else "select")
         if req.srr and req.srr.return_candidates:
@@ -191,7 +192,8 @@ class ServingGenerate(Serving):
         if self.audit:
             self.audit.write(
                 id=response_id, outcome=decision.outcome, candidates=len(gen.candidates),
-                scores=scored.scores, probabilities=scored.probabilities, selected=decision.selected,
+                scores=scored.scores, probabilities=scored.probabilities, request_risk=scored.risk,
+                selected=decision.selected,
                 fallback=decision.fallback, threshold=self.policy.threshold, model=self.model_name,
                 scorer=self.scorer_name, seconds={"total": seconds, "generation": gen.generation_seconds,
                                                   "capture": gen.capture_seconds, "scoring": scored.seconds},

@@ -23,7 +23,7 @@ class ServingScore(Serving):
             features = await self.engine.encode(prompt_ids, req.candidates)
         except ContextLengthError as e:
             raise context_error(str(e), "candidates") from None
-        scores, probs = await self.score(features)
-        return ScoreResponse(model=self.model_name, scores=scores, probabilities=probs,
+        scores, probs, risk = await self.score(features)
+        return ScoreResponse(model=self.model_name, scores=scores, probabilities=probs, request_risk=risk,
                              layer=self.scorer.config.layers, scorer=self.scorer_name,
                              threshold=self.policy.threshold)

@@ -1,0 +1,76 @@
+"""`srr train` end to end at toy size, on the real engine, model and data: every stage runs
+(pools, prefilled refusals, judges, encoding, the sweep, variants, served calibration,
+cross-fitting, the card), and a rerun resumes from the caches instead of training again.
+
+The real run takes hours on 2 cores; here each training kind keeps a few requests, the
+labelled sources a few hundred records, and one seed trains for two epochs. What it shows is
+that the pipeline holds together, not what the scorer learns (docs/training.md has that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from ranker import models, packages
+from ranker.scorer import SRRScorer
+from ranker.training import dataset, train
+
+PER_KIND = 10
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    full_requests, full_records = dataset.training_requests, dataset.training_records
+    full_xstest = dataset.xstest_items
+    mp.setattr(dataset, "training_requests",
+               lambda: {k: v[:PER_KIND] for k, v in full_requests().items()})
+    # Every refusal (their openings start the prefilled refusals) and an eighth of the rest.
+    mp.setattr(dataset, "training_records",
+               lambda: [r for i, r in enumerate(full_records()) if r.refusal or i % 8 == 0])
+    mp.setattr(dataset, "xstest_items", lambda: full_xstest()[:40])
+    mp.setattr(dataset, "SPLIT", (0.5, 0.3, 0.2))  # some pools of each case in validation
+    mp.setattr(train, "SEEDS", (0,))
+    mp.setattr(train, "VARIANTS", ((0.0, 1), (1.0, 1)))
+    toy = tmp_path_factory.mktemp("toy")
+    # The engine's compile cache is keyed by model and layers: share the machine's, if any.
+    layers = dataset.sweep_layers(models.shape(models.prepare()).layers)
+    compiled = f"vllm-capture-L{'-'.join(map(str, layers))}"
+    if (packages.cache_root() / compiled).is_dir():
+        (toy / "cache").mkdir()
+        (toy / "cache" / compiled).symlink_to(packages.cache_root() / compiled)
+    yield toy
+    mp.undo()
+
+
+def test_train_runs_end_to_end_and_resumes(toy):
+    model_dir = models.prepare()
+    cache, out = toy / "cache", toy / "scorer"
+    report = asyncio.run(train.run(model_dir, out, cache, epochs=2))
+    scorer = SRRScorer.from_pretrained(out)
+    cfg = scorer.config
+    assert cfg.version == train.VERSION and cfg.pooling == "mean" and len(cfg.layers) == 1
+    assert set(cfg.served_calibration) == {f"{b}/{k}" for b in ("harmful", "benign") for k in (1, 2, 4, 8, 16)}
+    assert 0.0 < cfg.threshold < 1.0 and 0.0 < cfg.risk_threshold < 1.0
+    assert report["chosen"]["risk"]["n_train"] > 0
+    assert json.loads((out / "training.json").read_text())["chosen"]["threshold"] == cfg.threshold
+    assert (out / "README.md").read_text().startswith("# SRR scorer")
+    kinds = {p.name for p in (cache / "train" / model_dir.name).glob("pool-*.npz")}
+    assert kinds == {f"pool-{k}-{dataset.POOL_K}x{dataset.POOL_TOKENS}.npz"
+                     for k in dataset.training_requests()}
+    assert set(report["sweep"]) == {f"L{layer}-mean" for layer in
+                                    dataset.sweep_layers(models.shape(model_dir).layers)}
+
+    # A rerun loads every trained scorer from the cache: nothing is trained again.
+    calls = []
+    real_train = train.train
+    train.train = lambda *a, **k: calls.append(1) or real_train(*a, **k)
+    try:
+        again = asyncio.run(train.run(model_dir, toy / "again", cache, epochs=2))
+    finally:
+        train.train = real_train
+    assert calls == []
+    assert again["chosen"]["threshold"] == pytest.approx(report["chosen"]["threshold"])
