@@ -162,13 +162,14 @@ async def training_pools(engine, openings: list[str]) -> Pools:
     the time."""
     d = engine.cache_dir / "train" / engine.model_dir.name
     stores, refusals, requests = {}, {}, {}
-    for kind, ps in training_requests().items():
+    kinds = training_requests()
+    for kind, ps in kinds.items():
         texts = [p.text for p in ps]
         requests.update((p.text, p) for p in ps)
         stores[kind] = await pools.sample(engine, texts, POOL_K, POOL_TOKENS,
                                           d / f"pool-{kind}-{POOL_K}x{POOL_TOKENS}.npz",
                                           max_prompt_tokens=1024)
-    for kind, ps in training_requests().items():
+    for kind, ps in kinds.items():
         refusals.update(await pools.prefilled(
             engine, [p.text for p in ps], openings, PREFILLED, POOL_TOKENS,
             d / f"prefilled-{kind}-{PREFILLED}x{POOL_TOKENS}.json", seed=SEED))
