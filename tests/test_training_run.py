@@ -46,10 +46,15 @@ def toy(tmp_path_factory):
     mp.undo()
 
 
-def test_train_runs_end_to_end_and_resumes(toy):
+@pytest.fixture(scope="module")
+def trained(toy):
+    """The report of `srr train` at toy size; the scorer is in toy / "scorer"."""
+    return asyncio.run(train.run(models.prepare(), toy / "scorer", toy / "cache", epochs=2))
+
+
+def test_train_runs_end_to_end_and_resumes(toy, trained):
     model_dir = models.prepare()
-    cache, out = toy / "cache", toy / "scorer"
-    report = asyncio.run(train.run(model_dir, out, cache, epochs=2))
+    cache, out, report = toy / "cache", toy / "scorer", trained
     scorer = SRRScorer.from_pretrained(out)
     cfg = scorer.config
     assert cfg.version == train.VERSION and cfg.pooling == "mean" and len(cfg.layers) == 1
@@ -74,3 +79,20 @@ def test_train_runs_end_to_end_and_resumes(toy):
         train.train = real_train
     assert calls == []
     assert again["chosen"]["threshold"] == pytest.approx(report["chosen"]["threshold"])
+
+
+def test_eval_runs_end_to_end_on_the_trained_scorer(toy, trained):
+    """`srr eval` on the scorer the test above trained: every set, the K trend, the risk head's
+    flag rates, the report."""
+    from ranker.evaluation import evaluate
+    from ranker.training.render import BENIGN_SETS, HARMFUL_SETS
+
+    report = asyncio.run(evaluate.run(models.prepare(), toy / "scorer", toy / "eval", toy / "cache",
+                                      n_advbench=4, n_xstest=4, max_tokens=8, epochs=1, n_rho=4))
+    sets = {*HARMFUL_SETS, *BENIGN_SETS}
+    assert set(report["trend"]) == set(report["risk"]) == sets
+    assert all(report[name][16]["n"] == 4 for name in sets)
+    assert all(0.0 <= v["flagged"] <= 1.0 for v in report["risk"].values())
+    md = (toy / "eval" / "report.md").read_text()
+    assert "## Targets, K=8" in md and "## The request-level risk signal" in md
+    assert "AdvBench in held-out in-the-wild prompts" in md

@@ -106,10 +106,12 @@ def resample_policy(scorer, sets: dict, picks: dict, resampled: dict, k: int = 8
     `best_picks`), K more are sampled under the safety system prompt (`resampled` pools);
     their best is returned if accepted, else the refusal. Per set: the share of prompts
     served an acceptable answer, how often the fallback fires, how often a resampled answer
-    is served, and how often the best resampled candidate is acceptable at all."""
+    is served, and how often the best resampled candidate is acceptable at all. Only the
+    sets that have resampled pools."""
     rule = Policy(scorer.config.threshold, fallback="resample")
     out = {}
-    for name, (_, _, safe_fn, refusal_value) in sets.items():
+    for name in resampled:
+        _, _, safe_fn, refusal_value = sets[name]
         served, fired, used, again_ok = [], [], [], []
         for x, ok in zip(*picks[name]):
             if not resampled[name].get(x.prompt):

