@@ -109,6 +109,10 @@ class SRRScorer(nn.Module):
             return None
         return torch.sigmoid(self.risk((instruction - self.feat_mean) / self.feat_std).squeeze(-1))
 
+    def judged_harmful(self, risk: torch.Tensor) -> torch.Tensor:
+        """Whether requests of this `risk_probability` are judged harmful (the risk threshold)."""
+        return risk >= self.config.risk_threshold
+
     def probability(self, scores: torch.Tensor, risk: torch.Tensor | None = None) -> torch.Tensor:
         """What the threshold is compared with, per candidate: [..., K] -> [..., K]; masked
         candidates are -inf. `risk`: the request's `risk_probability` ([...]).
@@ -126,7 +130,7 @@ class SRRScorer(nn.Module):
         if risk is None:
             raise ValueError("this scorer's calibration depends on the request's risk: pass risk")
         bucket = lambda name: {k.split("/")[1]: v for k, v in table.items() if k.startswith(name + "/")}  # noqa: E731
-        risky = (risk >= self.config.risk_threshold).unsqueeze(-1)
+        risky = self.judged_harmful(risk).unsqueeze(-1)
         return torch.where(risky, self._served(scores, bucket("harmful")), self._served(scores, bucket("benign")))
 
     @staticmethod

@@ -59,7 +59,7 @@ def test_held_out_wrappers_are_no_training_wrapper_family() -> None:
 
 
 def test_held_out_sets_wrap_their_requests_in_held_out_templates() -> None:
-    held = risk.held_out_wrapped(n_advbench=20)
+    held = dataset.held_out_wrapped(n_advbench=20)
     assert len(held["advbench-wild"]) == 20
     assert all(p.goal and p.goal in p.text for ps in held.values() for p in ps)
     probe = "\x00probe\x00"

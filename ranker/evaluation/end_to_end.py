@@ -6,10 +6,11 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import torch
 
 from ranker import policy
 from ranker.policy import Policy
-from ranker.training import data, judges, pools
+from ranker.training import data, judges, pools, risk
 from ranker.training.dataset import SEED
 from ranker.training.pools import Pick
 from ranker.training.stats import bootstrap_interval, gap_closed
@@ -134,17 +135,12 @@ def resample_policy(scorer, sets: dict, picks: dict, resampled: dict, k: int = 8
 
 def flagged(scorer, stores: dict[str, dict]) -> dict[str, dict]:
     """Per set, the share of its requests the risk head judges harmful, with a 90% bootstrap
-    interval (the instruction vector of each pool's first candidate)."""
-    import torch
-
-    from ranker.features import stack
-
-    cfg = scorer.config
+    interval (`risk.instruction_rows`)."""
     out = {}
     for name, store in stores.items():
-        rows = np.stack([stack([cands[0].features], cfg.layers, cfg.pooling)[0] for cands in store.values()])
         with torch.no_grad():
-            hit = (scorer.risk_probability(torch.from_numpy(rows)) >= cfg.risk_threshold).numpy()
+            rows = torch.from_numpy(risk.instruction_rows(scorer, {name: store})[0])
+            hit = scorer.judged_harmful(scorer.risk_probability(rows)).numpy()
         out[name] = {"flagged": float(hit.mean()), "flagged_ci90": bootstrap_interval(hit, seed=SEED),
                      "n": len(hit)}
     return out

