@@ -20,6 +20,10 @@ Definitions shared with training (the encode path goes through the same code):
   token of a generation is never fed, so a candidate that ends in EOS has exactly its text's
   tokens as response rows, the same rows the encode path sees for that text.
 - An empty response pools to the instruction row.
+- Prefix means: the mean of the first t response rows, for each t in PREFIX_TOKENS, kept when
+  the t-th row is pooled (a response shorter than t has its full mean there). They are what
+  a candidate's score is computed from while it is still being generated (`srr_peek`), and
+  what the prefix calibration is fitted on, so the two read the same rows.
 
 Activated only in processes where SRR_CAPTURE_LAYERS is set (the vLLM plugin entry point
 loads in every vLLM process, plain `vllm serve` included).
@@ -42,6 +46,8 @@ LAYERS_ENV = "SRR_CAPTURE_LAYERS"
 TAG_KEY = "srr_tag"
 RESPONSE_START_KEY = "srr_response_start"
 ORPHAN_SECONDS = 300.0
+# Response lengths at which the running mean is kept: where a partial score can be taken.
+PREFIX_TOKENS = (8, 16, 32)
 
 
 @torch.library.custom_op("srr::capture", mutates_args=("sink", "calls"))
@@ -136,6 +142,7 @@ class CaptureState:
         shape = (n, len(self.layers), self.width)
         z = lambda *s, **k: torch.zeros(*s, device=self.device, **k)  # noqa: E731
         self.sum, self.last, self.instr = z(shape), z(shape), z(shape)
+        self.prefix = z(n, len(PREFIX_TOKENS), len(self.layers), self.width)
         self.count = z(n, dtype=torch.long)
         self.rows = z(n, dtype=torch.long)
         self.seen = torch.full((n,), -1, dtype=torch.long, device=self.device)
@@ -144,11 +151,11 @@ class CaptureState:
         self.free = list(range(n - 1, -1, -1))
 
     def _grow(self) -> None:
-        old = (self.sum, self.last, self.instr, self.count, self.rows, self.seen,
+        old = (self.sum, self.last, self.instr, self.prefix, self.count, self.rows, self.seen,
                self.has_instr, self.start)
         n = old[0].shape[0]
         self._alloc(2 * n)
-        for new, prev in zip((self.sum, self.last, self.instr, self.count, self.rows,
+        for new, prev in zip((self.sum, self.last, self.instr, self.prefix, self.count, self.rows,
                               self.seen, self.has_instr, self.start), old):
             new[:n] = prev
         self.free = list(range(2 * n - 1, n - 1, -1))
@@ -239,12 +246,56 @@ class CaptureState:
         self.has_instr[row_slot[is_instr]] = True
         # Preemption recomputes rows already pooled: `seen` keeps the sum exact.
         resp = valid & (pos >= start) & (pos > self.seen[safe_slot])
+        self._keep_prefixes(resp, row_slot, hs)
         self.sum.index_add_(0, row_slot[resp], hs[resp])
         self.count.index_add_(0, row_slot[resp], torch.ones_like(pos[resp]))
         last_rows = torch.from_numpy(qsl[1:] - 1)[counts > 0].to(dev)
         last_rows = last_rows[resp[last_rows]]
         self.last[row_slot[last_rows]] = hs[last_rows]
         self.seen[row_slot[last_rows]] = pos[last_rows]
+
+    def _keep_prefixes(self, resp: torch.Tensor, row_slot: torch.Tensor, hs: torch.Tensor) -> None:
+        """Before this step's rows join the sums: for every slot whose t-th response row is
+        in this step, keep the mean of its first t rows. A request's rows are contiguous
+        and in order, so a slot's response rows here are one run, after `count` earlier ones."""
+        idx = resp.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return
+        slots = row_slot[idx]
+        m = idx.numel()
+        ar = torch.arange(m, device=idx.device)
+        first = torch.ones(m, dtype=torch.bool, device=idx.device)
+        first[1:] = slots[1:] != slots[:-1]
+        run_start = torch.cummax(torch.where(first, ar, 0), 0).values
+        ordinal = self.count[slots] + (ar - run_start) + 1  # this row is the ordinal-th
+        lengths = torch.tensor(PREFIX_TOKENS, device=idx.device)
+        hit, hit_j = (ordinal[:, None] == lengths).nonzero(as_tuple=True)  # a few per step at most
+        for r, j, slot, a in zip(hit.tolist(), hit_j.tolist(), slots[hit].tolist(), run_start[hit].tolist()):
+            self.prefix[slot, j] = (self.sum[slot] + hs[idx[a: r + 1]].sum(0)) / PREFIX_TOKENS[j]
+
+    def _prefixes(self, slot: int, mean: torch.Tensor) -> torch.Tensor:
+        """[len(PREFIX_TOKENS), layers, width]: the kept prefix means, the current mean where
+        the response has not reached that length."""
+        reached = torch.tensor([int(self.count[slot]) >= t for t in PREFIX_TOKENS], device=self.device)
+        return torch.where(reached[:, None, None], self.prefix[slot], mean.unsqueeze(0))
+
+    def peek(self, tags: list[str], prefix: int) -> list[dict]:
+        """While the requests run: per candidate, its response rows so far and its mean at
+        PREFIX_TOKENS[prefix] (its current mean while shorter). Frees nothing."""
+        wanted = set(tags)
+        out = []
+        for rid, slot in self.slot_of.items():
+            _, tag, index = self.meta[slot]
+            if tag not in wanted:
+                continue
+            count = int(self.count[slot])
+            instr = self.instr[slot]
+            mean = self.sum[slot] / count if count else instr
+            out.append({"tag": tag, "index": index, "ok": bool(self.has_instr[slot]),
+                        "response_rows": count,
+                        "instr": instr.float().cpu().numpy().tobytes(),
+                        "mean": self._prefixes(slot, mean)[prefix].float().cpu().numpy().tobytes()})
+        return out
 
     def fetch(self, tags: list[str], release_only: bool = False) -> list[dict]:
         wanted = set(tags)
@@ -266,6 +317,7 @@ class CaptureState:
                     "instr": instr.float().cpu().numpy().tobytes(),
                     "mean": mean.float().cpu().numpy().tobytes(),
                     "last": last.float().cpu().numpy().tobytes(),
+                    "prefixes": self._prefixes(slot, mean).float().cpu().numpy().tobytes(),
                 })
             self._drop(rid)
         return out
@@ -292,6 +344,9 @@ class CaptureWorkerExtension:
 
     def srr_fetch(self, tags: list[str]) -> list[dict]:
         return self._srr().fetch(tags)
+
+    def srr_peek(self, tags: list[str], prefix: int) -> list[dict]:
+        return self._srr().peek(tags, prefix)
 
     def srr_release(self, tags: list[str]) -> int:
         return len(self._srr().fetch(tags, release_only=True))

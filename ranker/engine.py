@@ -210,9 +210,10 @@ class Engine:
 
     def _features(self, rec: dict) -> Features:
         shape = (len(self.layers), self.hidden_size)
-        arr = lambda k: np.frombuffer(rec[k], dtype=np.float32).reshape(shape)  # noqa: E731
+        arr = lambda k, *lead: np.frombuffer(rec[k], dtype=np.float32).reshape(*lead, *shape)  # noqa: E731
         return Features(layers=self.layers, instruction=arr("instr"), mean=arr("mean"),
-                        last=arr("last"), response_rows=rec["response_rows"])
+                        last=arr("last"), response_rows=rec["response_rows"],
+                        prefixes=arr("prefixes", len(capture.PREFIX_TOKENS)))
 
     async def generate(self, prompt_ids: list[int], params: Any) -> Generation:
         """Sample `params.n` candidates for a tokenized chat prompt, with their states.

@@ -13,6 +13,8 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from ranker.capture import PREFIX_TOKENS
+
 Pooling = Literal["mean", "last"]
 
 
@@ -23,6 +25,9 @@ class Features:
     instruction: the row at the last prompt token (end of the assistant header).
     mean / last: mean over the response rows / the last response row (see ranker.capture
     for which rows count; an empty response pools to the instruction row).
+    prefixes: [len(PREFIX_TOKENS), layers, width], the mean over the first t response rows
+      for each t in ranker.capture.PREFIX_TOKENS (the full mean for a shorter response);
+      None where not captured (features cached before 0.9.0).
     """
 
     layers: list[int]
@@ -30,6 +35,14 @@ class Features:
     mean: np.ndarray
     last: np.ndarray
     response_rows: int
+    prefixes: np.ndarray | None = None
+
+    def at_prefix(self, j: int) -> "Features":
+        """These features as they were after PREFIX_TOKENS[j] response rows (mean pooling)."""
+        if self.prefixes is None:
+            raise ValueError("these features were captured without prefix means")
+        return Features(self.layers, self.instruction, self.prefixes[j], self.prefixes[j],
+                        min(self.response_rows, PREFIX_TOKENS[j]))
 
     def select(self, layers: list[int], pooling: Pooling) -> tuple[np.ndarray, np.ndarray]:
         """(instruction, response) float32 vectors for the scorer: layers concatenated."""
@@ -40,7 +53,8 @@ class Features:
 
     def astype(self, dtype) -> "Features":
         return Features(self.layers, self.instruction.astype(dtype), self.mean.astype(dtype),
-                        self.last.astype(dtype), self.response_rows)
+                        self.last.astype(dtype), self.response_rows,
+                        None if self.prefixes is None else self.prefixes.astype(dtype))
 
 
 def stack(features: Sequence[Features], layers: list[int], pooling: Pooling

@@ -173,6 +173,27 @@ def test_encode_path_equals_capture(engine, hf):
     assert rel(by_text.mean, by_ids.mean) < 0.02 and rel(by_text.last, by_ids.last) < 0.02
 
 
+def test_prefix_means_match_hf_and_the_encode_path(engine, hf):
+    """The mean over a candidate's first t response rows, kept while it is generated, is the
+    mean HF computes over those rows, and the one encoding the whole response keeps."""
+    from ranker.capture import PREFIX_TOKENS
+
+    ids = chat(engine, "Describe a walk through a forest in autumn.")
+    gen = engine.run(engine.generate(ids, sampling(n=2, max_tokens=PREFIX_TOKENS[-1] + 6, ignore_eos=True)))
+    layer = engine.layers[0]
+    for c in gen.candidates:
+        fed = c.token_ids[:-1]
+        assert c.features.prefixes.shape == (len(PREFIX_TOKENS), len(engine.layers), engine.hidden_size)
+        for j, t in enumerate(PREFIX_TOKENS):
+            _, ref, _ = reference(hf[torch.float32], ids + fed[:t], len(ids), layer)
+            assert rel(c.features.prefixes[j][0], ref) < TOL_F32, f"prefix {t}"
+        (enc,) = engine.run(engine.encode(ids, [fed]))
+        assert rel(enc.prefixes, c.features.prefixes) < 0.02
+    # Shorter than a prefix length: the full mean stands there.
+    short = engine.run(engine.generate(ids, sampling(n=1, max_tokens=5, ignore_eos=True))).candidates[0]
+    assert all(np.array_equal(p, short.features.mean) for p in short.features.prefixes)
+
+
 def test_missing_capture_is_an_error_not_zeros(engine):
     from ranker.engine import CaptureError
 
@@ -220,7 +241,7 @@ def test_sampled_pool_equals_its_reload(engine, tmp_path):
     assert [c.text for c in fresh[prompt]] == [c.text for c in again[prompt]]
     for a, b in zip(fresh[prompt], again[prompt]):
         assert a.features.layers == b.features.layers == engine.layers
-        for name in ("instruction", "mean", "last"):
+        for name in ("instruction", "mean", "last", "prefixes"):
             x, y = getattr(a.features, name), getattr(b.features, name)
             assert x.dtype == y.dtype == np.float16 and np.array_equal(x, y)
 

@@ -30,9 +30,11 @@ def load(cache: Path) -> dict[str, Pool]:
         with np.load(cache, allow_pickle=False) as z:  # each z[...] reads the whole array
             meta = json.loads(str(z["meta"]))
             instr, mean, last, layers = z["instr"], z["mean"], z["last"], z["layers"].tolist()
+            prefixes = z["prefixes"] if "prefixes" in z else None  # pools sampled since 0.9.0
         for i, (p, texts) in enumerate(meta.items()):
-            store[p] = [Candidate(j, t, [], None, Features(layers, instr[i, j], mean[i, j], last[i, j], 0))
-                        for j, t in enumerate(texts)]
+            store[p] = [Candidate(j, t, [], None, Features(
+                layers, instr[i, j], mean[i, j], last[i, j], 0, None if prefixes is None else prefixes[i, j]))
+                for j, t in enumerate(texts)]
     return store
 
 
@@ -44,9 +46,12 @@ def save(store: dict[str, Pool], cache: Path) -> None:
     tmp = cache.with_suffix(".tmp.npz")
     array = lambda name: np.stack([[getattr(c.features, name).astype(np.float16) for c in store[p]]  # noqa: E731
                                    for p in keys])
+    # A store with any pool sampled before prefixes were captured keeps none.
+    with_prefixes = all(c.features.prefixes is not None for p in keys for c in store[p])
     np.savez(tmp, meta=json.dumps({p: [c.text for c in store[p]] for p in keys}),
              layers=np.array(store[keys[0]][0].features.layers),
-             instr=array("instruction"), mean=array("mean"), last=array("last"))
+             instr=array("instruction"), mean=array("mean"), last=array("last"),
+             **({"prefixes": array("prefixes")} if with_prefixes else {}))
     tmp.rename(cache)
 
 
