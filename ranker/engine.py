@@ -1,8 +1,14 @@
 """The engine: vLLM's AsyncLLM in this process, with SRR capture in its Worker.
 
-`generate` samples K candidates with vLLM's own `n` and returns each with its pooled
-hidden states; `encode` feeds prompt + given responses through the same engine and the same
-capture (max_tokens=1, prefix cache salted off) so supplied text gets the same features.
+`generate` samples K candidates and returns each with its pooled hidden states; `encode`
+feeds prompt + given responses through the same engine and the same capture (max_tokens=1,
+prefix cache salted off) so supplied text gets the same features.
+
+The K candidates are K engine requests, as vLLM itself runs `n` (one child request each,
+sharing the prompt's KV blocks through the prefix cache, child i seeded `seed + i`), but
+submitted by us so that each can be stopped alone: a guard that looks at the candidates'
+partial states at PREFIX_TOKENS can stop the ones that cannot win, all of them, or all but
+a winner.
 """
 
 from __future__ import annotations
@@ -13,12 +19,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 
 from ranker import capture
 from ranker.features import Features
+from ranker.policy import Verdict
 
 
 class CaptureError(RuntimeError):
@@ -51,6 +58,7 @@ class Candidate:
     # vLLM's sampled logprobs when asked for (SamplingParams.logprobs): per token, a dict of
     # token id -> vllm.logprobs.Logprob holding the sampled token and the top alternatives
     logprobs: list[dict] | None = None
+    pruned: bool = False  # stopped by the guard before its end (finish_reason "abort")
 
 
 @dataclass
@@ -60,6 +68,16 @@ class Generation:
     generation_seconds: float
     capture_seconds: float
     rows: list[int] = field(default_factory=list)  # tokens fed through the model, per candidate
+    # The guard's decision, if it made one before the candidates ended: "exit" (none can be
+    # served: the fallback) or "commit" (the one left will be served), at which prefix length
+    decided: str | None = None
+    decided_at: int | None = None
+    decided_seconds: float | None = None  # since the request started
+
+
+# At PREFIX_TOKENS[j], with every running candidate past it: (j, each candidate's features at
+# that prefix, the running candidates) -> what to stop.
+Guard = Callable[[int, dict[int, Features], list[int]], Awaitable[Verdict]]
 
 
 def configure_environment(layers: list[int], cache_dir: Path) -> None:
@@ -168,26 +186,22 @@ class Engine:
         return list(ids)
 
     async def _run(self, prompt: dict, params: Any, tag: str) -> Any:
-        """Run one engine request to completion, merging n > 1 outputs by index."""
+        """Run one engine request (n=1) to its final output."""
         llm = self.llm
         final = None
-        merged: dict[int, Any] = {}
         try:
             async for out in llm.generate(prompt, params, request_id=tag):
-                for c in out.outputs:
-                    merged[c.index] = c
                 final = out
         except BaseException:
-            await self._release(llm, tag)
+            await self._release(llm, [tag], tag)
             raise
         if final is None:
-            await self._release(llm, tag)
+            await self._release(llm, [tag], tag)
             raise RuntimeError(f"vLLM ended request {tag} without an output")
-        final.outputs = [merged[i] for i in sorted(merged)]
         return final
 
     @staticmethod
-    async def _release(llm: Any, tag: str) -> None:
+    async def _release(llm: Any, request_ids: list[str], tag: str) -> None:
         """Abort the request and free its capture state: best effort, bounded, never raises.
 
         The RPC's reply is read by a vLLM task. When asyncio.run exits on a failed gather it
@@ -195,7 +209,7 @@ class Engine:
         a reply nobody would read: the process hung, idle, without printing the error. A
         release that times out leaves the worker's slot to its orphan reclaim."""
         try:
-            await llm.abort(tag)
+            await llm.abort(request_ids)
             await asyncio.wait_for(llm.collective_rpc("srr_release", args=([tag],)),
                                    RELEASE_TIMEOUT_S)
         except Exception:  # a dead engine, a shut-down one (llm None), or no reply in time
@@ -215,27 +229,54 @@ class Engine:
                         last=arr("last"), response_rows=rec["response_rows"],
                         prefixes=arr("prefixes", len(capture.PREFIX_TOKENS)))
 
-    async def generate(self, prompt_ids: list[int], params: Any) -> Generation:
+    async def generate(self, prompt_ids: list[int], params: Any, guard: Guard | None = None,
+                       on_text: Callable[[str], None] | None = None) -> Generation:
         """Sample `params.n` candidates for a tokenized chat prompt, with their states.
-        `params` is left as given: the engine tags a copy."""
+        `params` is left as given. `guard`: called at each prefix checkpoint (see Guard);
+        `on_text`: once the guard commits to a candidate, called with its text so far and
+        then with each new piece of it, as it is generated."""
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        tag = "srr" + uuid.uuid4().hex
-        params = params.clone()
-        params.extra_args = {**(params.extra_args or {}), capture.TAG_KEY: tag}
-        params.output_kind = RequestOutputKind.FINAL_ONLY
-        t0 = time.perf_counter()
-        out = await self._run(TokensPrompt(prompt_token_ids=prompt_ids), params, tag)
-        t1 = time.perf_counter()
-        cands = [Candidate(index=c.index, text=c.text, token_ids=list(c.token_ids),
-                           finish_reason=c.finish_reason, features=None,
-                           logprobs=list(c.logprobs) if c.logprobs is not None else None)
-                 for c in out.outputs]
-        gen = Generation(prompt_tokens=len(prompt_ids), candidates=cands,
-                         generation_seconds=t1 - t0, capture_seconds=0.0)
+        k, tag = params.n, "srr" + uuid.uuid4().hex
+        ids = [f"{i}_{tag}" for i in range(k)]  # the capture reads index and tag from these
+        children = []
+        for i in range(k):
+            child = params.clone()
+            child.n = 1
+            child.seed = None if params.seed is None else params.seed + i
+            child.extra_args = {**(params.extra_args or {}), capture.TAG_KEY: tag}
+            child.output_kind = RequestOutputKind.DELTA if guard else RequestOutputKind.FINAL_ONLY
+            children.append(child)
+        cands = [Candidate(index=i, text="", token_ids=[], finish_reason=None, features=None,
+                           logprobs=[] if params.logprobs is not None else None) for i in range(k)]
+        gen = Generation(prompt_tokens=len(prompt_ids), candidates=cands, generation_seconds=0.0,
+                         capture_seconds=0.0)
+        llm, t0 = self.llm, time.perf_counter()
+        outputs: asyncio.Queue = asyncio.Queue()
+
+        async def run(i: int) -> None:
+            try:
+                async for out in llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), children[i],
+                                              request_id=ids[i]):
+                    outputs.put_nowait((i, out.outputs[0], None))
+            except BaseException as e:  # noqa: BLE001 - handed to the loop below
+                outputs.put_nowait((i, None, e))
+            else:
+                outputs.put_nowait((i, None, None))
+
+        tasks = [asyncio.create_task(run(i)) for i in range(k)]
         try:
-            recs = await self._fetch(tag, len(cands))
+            await self._follow(tag, ids, cands, gen, outputs, guard, on_text, t0)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await self._release(llm, ids, tag)
+            raise
+        t1 = time.perf_counter()
+        gen.generation_seconds = t1 - t0
+        try:
+            recs = await self._fetch(tag, k)
         except CaptureError as e:
             e.generation = gen
             raise
@@ -244,6 +285,64 @@ class Engine:
         gen.rows = [recs[c.index]["rows"] for c in cands]
         gen.capture_seconds = time.perf_counter() - t1
         return gen
+
+    async def _follow(self, tag: str, ids: list[str], cands: list[Candidate], gen: Generation,
+                      outputs: asyncio.Queue, guard: Guard | None,
+                      on_text: Callable[[str], None] | None, t0: float) -> None:
+        """Gather the candidates' outputs until all end, consulting the guard on the way."""
+        running = set(range(len(cands)))
+        checkpoint, committed = 0, None
+        while running:
+            i, out, error = await outputs.get()
+            if error is not None:
+                raise error
+            if out is None:
+                running.discard(i)
+            else:
+                c = cands[i]
+                c.text += out.text
+                c.token_ids += list(out.token_ids)
+                if out.logprobs is not None and c.logprobs is not None:
+                    c.logprobs += list(out.logprobs)
+                if out.finish_reason is not None and not c.pruned:
+                    c.finish_reason = out.finish_reason
+                if i == committed and on_text and out.text:
+                    on_text(out.text)
+            # A checkpoint is due when every running candidate has fed its prefix rows (the
+            # t-th response row is fed once token t + 1 is sampled).
+            while (guard and committed is None and running and checkpoint < len(capture.PREFIX_TOKENS)
+                   and all(len(cands[r].token_ids) > capture.PREFIX_TOKENS[checkpoint] for r in running)):
+                feats = await self._peek(tag, checkpoint)
+                verdict = await guard(checkpoint, feats, sorted(running))
+                stop = set(verdict.prune) & running
+                if verdict.exit:
+                    stop = set(running)
+                elif verdict.commit is not None:
+                    stop = running - {verdict.commit}
+                if stop:
+                    await self.llm.abort([ids[r] for r in stop])
+                    for r in stop:
+                        cands[r].pruned, cands[r].finish_reason = True, "abort"
+                if verdict.exit or verdict.commit is not None:
+                    gen.decided = "exit" if verdict.exit else "commit"
+                    gen.decided_at = capture.PREFIX_TOKENS[checkpoint]
+                    gen.decided_seconds = time.perf_counter() - t0
+                if verdict.commit is not None:
+                    committed = verdict.commit
+                    if on_text and cands[committed].text:
+                        on_text(cands[committed].text)
+                checkpoint += 1
+
+    async def _peek(self, tag: str, prefix: int) -> dict[int, Features]:
+        """The candidates' features at PREFIX_TOKENS[prefix] (or as far as they got)."""
+        recs = (await self.llm.collective_rpc("srr_peek", args=([tag], prefix)))[0]
+        shape = (len(self.layers), self.hidden_size)
+        out = {}
+        for r in recs:
+            arr = lambda k: np.frombuffer(r[k], dtype=np.float32).reshape(shape)  # noqa: E731
+            out[r["index"]] = Features(self.layers, arr("instr"), arr("mean"), arr("mean"),
+                                       min(r["response_rows"], capture.PREFIX_TOKENS[prefix]))
+        return out
 
     async def encode(self, prompt_ids: list[int], responses: list[str | list[int]]) -> list[Features]:
         """Features for given responses (text or token ids) to a prompt, through the same

@@ -50,6 +50,17 @@ class Decision:
         return self.order[0] if self.order and self.fallback != "resample" else None
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What the guard stops at a prefix checkpoint, while the candidates are generated.
+    prune: candidates that cannot win; exit: none can be served (stop all, the fallback);
+    commit: this one will be served (stop the rest, stream it)."""
+
+    prune: frozenset[int] = frozenset()
+    exit: bool = False
+    commit: int | None = None
+
+
 def rank(scores: Sequence[float]) -> tuple[int, ...]:
     """Candidate indices best first by score; ties keep generation order."""
     return tuple(sorted(range(len(scores)), key=lambda i: (-scores[i], i)))
