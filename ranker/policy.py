@@ -61,6 +61,48 @@ class Verdict:
     commit: int | None = None
 
 
+# The thresholds a PrefixRule's bounds are tabulated at: a server may run any threshold.
+RULE_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(21))
+
+
+@dataclass(frozen=True)
+class PrefixRule:
+    """What the scorer's judgement of a list at one prefix length said about its end, on
+    validation lists (ranker/training/prefixes.py); each bound failed on at most a share
+    `alpha` of them.
+    prune_gap: the final winner trailed the prefix leader by at most this score.
+    exit_below / commit_above, per threshold in RULE_THRESHOLDS (keys "0.65"): a list whose
+      prefix leader's probability was under exit_below ended served by a candidate clearing
+      the threshold; a prefix leader at or over commit_above ended under it."""
+
+    prune_gap: float
+    exit_below: dict[str, float]
+    commit_above: dict[str, float]
+
+    def bounds(self, threshold: float) -> tuple[float, float]:
+        """(exit_below, commit_above) for a threshold between the tabulated ones: each from
+        the tabulated threshold on its cautious side (both rise with the threshold)."""
+        below = max((t for t in RULE_THRESHOLDS if t <= threshold + 1e-9), default=RULE_THRESHOLDS[0])
+        above = min((t for t in RULE_THRESHOLDS if t >= threshold - 1e-9), default=RULE_THRESHOLDS[-1])
+        return self.exit_below[f"{below:.2f}"], self.commit_above[f"{above:.2f}"]
+
+
+def guard(rule: PrefixRule, policy: Policy, scores: Sequence[float],
+          probabilities: Sequence[float], running: Sequence[int]) -> Verdict:
+    """What to stop at a prefix checkpoint, from the K candidates' partial scores (a stopped
+    candidate keeps its last ones): exit when the leader's probability is under the rule's
+    exit bound (and the policy has a fallback), commit to the leader when it is at or over
+    the commit bound, else prune the running candidates more than `prune_gap` behind it."""
+    lead = min(running, key=lambda i: (-scores[i], i))
+    p = probabilities[lead]
+    exit_below, commit_above = rule.bounds(policy.threshold)
+    if policy.fallback != "none" and p < exit_below:
+        return Verdict(exit=True)
+    if p >= commit_above:
+        return Verdict(commit=lead)
+    return Verdict(prune=frozenset(i for i in running if scores[lead] - scores[i] > rule.prune_gap))
+
+
 def rank(scores: Sequence[float]) -> tuple[int, ...]:
     """Candidate indices best first by score; ties keep generation order."""
     return tuple(sorted(range(len(scores)), key=lambda i: (-scores[i], i)))
@@ -71,8 +113,11 @@ def accepts(probabilities: Sequence[float], order: Sequence[int], threshold: flo
 
 
 def decide(policy: Policy, scores: Sequence[float], probabilities: Sequence[float], k: int,
-           opted_out: bool = False) -> Decision:
-    """The decision for one request's K candidates. `scores` empty: scoring failed."""
+           opted_out: bool = False, stopped: Sequence[int] = (), committed: int | None = None
+           ) -> Decision:
+    """The decision for one request's K candidates. `scores` empty: scoring failed.
+    `stopped`: candidates the guard stopped before their end, which are never returned;
+    `committed`: the one the guard chose while they ran (a stream may already carry it)."""
     generation_order = tuple(range(k))
     if not scores:
         if not policy.fail_open:
@@ -82,10 +127,12 @@ def decide(policy: Policy, scores: Sequence[float], probabilities: Sequence[floa
         return Decision("bypassed", generation_order)
     if policy.shadow:
         return Decision("shadow", generation_order)
-    order = rank(scores)
+    if committed is not None:
+        return Decision("selected", (committed,))
+    order = tuple(i for i in rank(scores) if i not in stopped)
     if accepts(probabilities, order, policy.threshold):
         return Decision("selected", order)
-    if policy.fallback == "none":
+    if policy.fallback == "none" and order:
         return Decision("fallback", order, "none")
     if policy.fallback == "resample":
         return Decision("fallback", (), "resample", resample=True)

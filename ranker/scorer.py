@@ -49,6 +49,9 @@ class ScorerConfig:
     served_calibration: dict[str, list[float]] = field(default_factory=dict)
     # The risk head's P(harmful request) from which a request is judged harmful; None: no head.
     risk_threshold: float | None = None
+    # The guard's rule per prefix length ("8", "16", "32"), fields of ranker.policy.PrefixRule,
+    # fitted by `srr prefixes` (ranker/training/prefixes.py); empty: the scorer cannot prune.
+    prefix_rules: dict[str, dict] = field(default_factory=dict)
     threshold: float = 0.5  # on P(acceptable); chosen on validation
     name: str = "srr"
     version: str = "0"

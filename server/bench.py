@@ -1,11 +1,18 @@
 """`srr bench`: plain vLLM against the SRR server, same model, same requests, one run.
 
 Both servers are started in turn on loopback: vLLM's own OpenAI server (`n=K`) and
-`srr serve` (`srr.candidates=K`, one returned). Every request asks for K candidates of a
-fixed length (`ignore_eos`, `max_tokens`) so both sides generate the same tokens. Printed:
-p50/p95 latency of sequential requests, requests/s with 8 and 32 concurrent clients, peak
-resident memory of the whole process tree, and SRR's split of a request into generation,
-capture and scoring time (from its own metrics).
+`srr serve` (`srr.candidates=K`, one returned).
+
+The default workload asks for K candidates of a fixed length (`ignore_eos`, `max_tokens`) so
+both sides generate the same tokens. Printed: p50/p95 latency of sequential requests,
+requests/s with 8 and 32 concurrent clients, peak resident memory of the whole process tree,
+and SRR's split of a request into generation, capture and scoring time (its own metrics).
+
+`--workload mixed` measures pruning: benign (XSTest safe) and harmful (AdvBench) requests,
+alternating, up to `--tokens` each without `ignore_eos`, sequential, against plain vLLM with
+`n=K` and SRR with `srr.prune` off and on (one SRR server). Printed: tokens generated, p50
+latency, the streaming time to first token on benign requests, and the time to the fallback
+on harmful requests that end in it.
 """
 
 from __future__ import annotations
@@ -141,6 +148,98 @@ def measure(name: str, cmd: list[str], port: int, env: dict, model: str, args) -
             proc.kill()
 
 
+def mixed_prompts(n: int) -> list[tuple[str, bool]]:
+    """n requests, (text, harmful), benign and harmful alternating (seeded, held out)."""
+    from ranker.training import data
+    from ranker.training.dataset import advbench_sets
+
+    benign = [p.text for p in data.load_xstest_prompts() if not p.harmful]
+    harmful = advbench_sets(n)[0]
+    return [(benign[i // 2], False) if i % 2 == 0 else (harmful[i // 2], True) for i in range(n)]
+
+
+async def one(http: httpx.AsyncClient, b: dict, stream: bool = False) -> dict:
+    """One request: its latency, completion tokens and srr object; streamed, also the time
+    to its first content chunk."""
+    t = time.perf_counter()
+    if not stream:
+        r = await http.post("/v1/chat/completions", json=b)
+        r.raise_for_status()
+        j = r.json()
+        return {"s": time.perf_counter() - t, "tokens": j["usage"]["completion_tokens"], "srr": j.get("srr")}
+    first, last = None, None
+    async with http.stream("POST", "/v1/chat/completions",
+                           json={**b, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and any(c["delta"].get("content") for c in chunk["choices"]):
+                first = time.perf_counter() - t
+            last = chunk
+    return {"s": time.perf_counter() - t, "ttft_s": first, "tokens": last["usage"]["completion_tokens"],
+            "srr": last.get("srr")}
+
+
+def mixed(args, model_dir: Path, model: str, plain_cmd: list[str], common: dict) -> dict:
+    reqs = mixed_prompts(args.requests)
+    port = args.port
+
+    def make(text: str, i: int) -> dict:
+        b = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": args.tokens,
+             "temperature": 1.0}
+        return b if args.seed is None else {**b, "seed": args.seed + i}
+
+    async def series(base: str, extra: dict, stream: bool = False, which=lambda harmful: True) -> list:
+        async with httpx.AsyncClient(base_url=base, timeout=900) as http:
+            await one(http, {**make(reqs[0][0], 0), **extra})  # warm-up
+            return [await one(http, {**make(t, i), **extra}, stream) if which(h) else None
+                    for i, (t, h) in enumerate(reqs)]
+
+    def served(cmd, port, env, runs):
+        proc = start(cmd, port, env)
+        try:
+            return [asyncio.run(series(f"http://127.0.0.1:{port}", *run)) for run in runs]
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    (plain,) = served(plain_cmd, port, {**common, "SRR_CAPTURE_LAYERS": ""}, [({"n": args.k},)])
+    k = {"candidates": args.k}
+    off, on, streamed = served(
+        [sys.executable, "-m", "server.cli", "serve", "--port", str(port + 1), "--max-tokens",
+         str(args.tokens), "--max-candidates", str(max(16, args.k))], port + 1, common,
+        [({"srr": {**k, "prune": False}},), ({"srr": {**k, "prune": True}},),
+         ({"srr": {**k, "prune": True}}, True, lambda harmful: not harmful)])
+    med = lambda rows: statistics.median(r["s"] for r in rows)  # noqa: E731
+    tokens = lambda rows: sum(r["tokens"] for r in rows)  # noqa: E731
+    benign = [i for i, (_, h) in enumerate(reqs) if not h]
+    exits = [i for i, (_, h) in enumerate(reqs) if h and on[i]["srr"]["selected"] is None]
+    res = {
+        "requests": len(reqs), "benign": len(benign),
+        "tokens": {"plain": tokens(plain), "prune_off": tokens(off), "prune_on": tokens(on)},
+        "p50_s": {"plain": med(plain), "prune_off": med(off), "prune_on": med(on)},
+        "decided": {d: sum(r["srr"]["decided"] == d for r in on) for d in ("exit", "commit")},
+        "served_differs": sum(a["srr"]["selected"] != b["srr"]["selected"] for a, b in zip(off, on)),
+        "benign_ttft_s": statistics.median(streamed[i]["ttft_s"] for i in benign),
+        "benign_nonstream_s": statistics.median(off[i]["s"] for i in benign),
+        "fallback_n": len(exits),
+        "fallback_on_s": statistics.median(on[i]["s"] for i in exits) if exits else None,
+        "fallback_off_s": statistics.median(off[i]["s"] for i in exits) if exits else None,
+    }
+    res["ratios"] = {
+        "tokens_on_vs_off": res["tokens"]["prune_on"] / res["tokens"]["prune_off"],
+        "p50_on_vs_plain": res["p50_s"]["prune_on"] / res["p50_s"]["plain"],
+        "ttft_vs_nonstream": res["benign_ttft_s"] / res["benign_nonstream_s"],
+        "fallback_on_vs_off": res["fallback_on_s"] / res["fallback_off_s"] if exits else None,
+    }
+    return res
+
+
 def main(args) -> int:
     from vllm.platforms import current_platform
 
@@ -154,21 +253,22 @@ def main(args) -> int:
     common = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     plain_env = {**common, "SRR_CAPTURE_LAYERS": ""}
     port = args.port
+    plain_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                 "--port", str(port), "--max-model-len", "4096", "--served-model-name", model,
+                 "--dtype", dtype]
+    config = {"k": args.k, "max_tokens": args.tokens, "requests": args.requests, "seed": args.seed,
+              "cpus": os.cpu_count(), "model": model, "dtype": dtype, "workload": args.workload}
+    if args.workload == "mixed":
+        return report_mixed({**mixed(args, model_dir, model, plain_cmd, common), "config": config}, args.out)
     results = {
-        "plain": measure("plain", [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-                                   "--model", str(model_dir), "--port", str(port),
-                                   "--max-model-len", "4096", "--served-model-name", model,
-                                   "--dtype", dtype],
-                         port, plain_env, model, args),
+        "plain": measure("plain", plain_cmd, port, plain_env, model, args),
         "srr": measure("srr", [sys.executable, "-m", "server.cli", "serve", "--port",
                                str(port + 1), "--max-candidates", str(max(16, args.k))],
                        port + 1, common, model, args),
     }
     p, s = results["plain"], results["srr"]
     results["ratio"] = {k: s[k] / p[k] for k in ("p50_s", "p95_s", "rps_8", "rps_32", "peak_rss_mb")}
-    results["config"] = {"k": args.k, "max_tokens": args.tokens, "requests": args.requests,
-                         "seed": args.seed, "cpus": os.cpu_count(), "model": model,
-                         "dtype": dtype}
+    results["config"] = config
     print(f"{'':14}{'plain vLLM':>12}{'SRR':>12}{'SRR/plain':>11}")
     for key, label in (("p50_s", "p50 (s)"), ("p95_s", "p95 (s)"), ("rps_8", "req/s @8"),
                        ("rps_32", "req/s @32"), ("peak_rss_mb", "peak RSS MB"),
@@ -177,8 +277,31 @@ def main(args) -> int:
         print(f"{label:14}{p[key]:12.3f}{s[key]:12.3f}{'' if ratio is None else f'{ratio:11.3f}'}")
     print(f"SRR split per request: generation {s['generation_ms']:.1f} ms, "
           f"capture {s['capture_ms']:.2f} ms, scoring {s['scoring_ms']:.2f} ms")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    return write(results, args.out)
+
+
+def report_mixed(res: dict, out: str) -> int:
+    print(f"mixed workload: {res['requests']} requests ({res['benign']} benign), K={res['config']['k']}, "
+          f"up to {res['config']['max_tokens']} tokens")
+    print(f"{'':22}{'plain vLLM':>12}{'prune off':>12}{'prune on':>12}")
+    for key, label, fmt in (("tokens", "tokens generated", "12.0f"), ("p50_s", "p50 latency (s)", "12.3f")):
+        v = res[key]
+        print(f"{label:22}{v['plain']:{fmt}}{v['prune_off']:{fmt}}{v['prune_on']:{fmt}}")
+    r = res["ratios"]
+    print(f"tokens on/off {r['tokens_on_vs_off']:.3f}; p50 on/plain {r['p50_on_vs_plain']:.3f}; "
+          f"early exits {res['decided']['exit']}, commits {res['decided']['commit']}; "
+          f"served answer differs on/off {res['served_differs']} of {res['requests']}")
+    print(f"benign stream: first token {res['benign_ttft_s']:.3f} s vs {res['benign_nonstream_s']:.3f} s "
+          f"whole ({r['ttft_vs_nonstream']:.3f})")
+    if res["fallback_n"]:
+        print(f"harmful requests ending in the fallback ({res['fallback_n']}): {res['fallback_on_s']:.3f} s "
+              f"pruned vs {res['fallback_off_s']:.3f} s not ({r['fallback_on_vs_off']:.3f})")
+    return write(res, out)
+
+
+def write(results: dict, out: str) -> int:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}")
     return 0

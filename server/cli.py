@@ -120,12 +120,16 @@ def main(argv: list[str] | None = None) -> int:
                          help="scorer folder to write (default: weights/<name> of a named model)")
     p_train.add_argument("--epochs", type=int, default=30)
     p_eval = sub.add_parser("eval", help="evaluate a scorer and the server (see ranker/evaluation/evaluate.py)")
+    p_prefixes = sub.add_parser("prefixes", help="fit a scorer's prefix calibration, for pruning "
+                                "(see ranker/training/prefixes.py)")
+    p_prefixes.add_argument("--prompts", type=int, default=None, help="validation requests sampled")
+    p_prefixes.add_argument("--max-tokens", type=int, default=None)
     p_check = sub.add_parser("check", help="check capture, parity and the scorer on a model (see server/check.py)")
     p_check.add_argument("--k", type=int, default=4)
     p_check.add_argument("--max-tokens", type=int, default=24)
     p_diag = sub.add_parser("diagnose", help="diagnostics that ship nothing (see ranker/evaluation/families.py)")
     p_diag.add_argument("what", choices=["xstest-families"])
-    for p in (p_eval, p_diag, p_check):
+    for p in (p_eval, p_diag, p_check, p_prefixes):
         p.add_argument("--model-dir", type=Path, default=None, help=MODEL_DIR_HELP)
         p.add_argument("--scorer-dir", type=Path, default=None,
                        help="scorer folder (default: the one shipped for a named model)")
@@ -145,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--port", type=int, default=8100)
     p_bench.add_argument("--model-dir", default=None)
     p_bench.add_argument("--out", default="reports/bench.json")
+    p_bench.add_argument("--workload", choices=["fixed", "mixed"], default="fixed",
+                         help="fixed: K candidates of --tokens each; mixed: benign and harmful "
+                         "requests up to --tokens, plain vLLM against SRR with pruning off and on")
     args = parser.parse_args(argv)
 
     if args.command == "serve":
@@ -166,6 +173,18 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(families.diagnose_xstest_families(model_dir, scorer_dir, out, Settings().cache_dir,
                                                       args.epochs))
         print((out / "xstest-families.md").read_text())
+        return 0
+    if args.command == "prefixes":
+        import asyncio
+
+        from ranker.training import prefixes
+
+        model_dir = model_dir_of(args.model_dir)
+        scorer_dir = scorer_dir_of(args.scorer_dir, model_dir)
+        load_scorer(scorer_dir, model_dir)
+        opts = {k: v for k, v in (("n", args.prompts), ("max_tokens", args.max_tokens)) if v is not None}
+        report = asyncio.run(prefixes.run(model_dir, scorer_dir, Settings().cache_dir, **opts))
+        print(json.dumps(report, indent=2))
         return 0
     if args.command == "check":
         from server import check

@@ -25,7 +25,7 @@ class StubChat:
     def __init__(self, delay=0.0):
         self.delay = delay
 
-    async def create(self, req):
+    async def create(self, req, early=None):
         await asyncio.sleep(self.delay)
         return ChatCompletionResponse(
             model="stub", choices=[Choice(index=0, message=ChatMessageOut(content="ok"),

@@ -83,3 +83,55 @@ def test_resampled_serves_its_best_if_accepted_else_refuses():
 ])
 def test_replay_is_decide_on_a_pool(threshold, fallback, best_ok, fallback_ok, want):
     assert replay(Policy(threshold, fallback), SCORES, PROBS, best_ok, fallback_ok) == want
+
+
+# The guard while candidates are generated (ranker.policy.guard), on partial scores.
+def rule(exit_below=0.3, commit_above=0.9, prune_gap=1.0):
+    from ranker.policy import RULE_THRESHOLDS, PrefixRule
+
+    # Bounds that rise with the threshold, as fitted ones do: at 0.5, exit 0.3 and commit 0.9.
+    shift = lambda x, t: round(min(1.0, max(0.0, x + t - 0.5)), 2)  # noqa: E731
+    return PrefixRule(prune_gap, {f"{t:.2f}": shift(exit_below, t) for t in RULE_THRESHOLDS},
+                      {f"{t:.2f}": shift(commit_above, t) for t in RULE_THRESHOLDS})
+
+
+def test_rule_bounds_between_tabulated_thresholds_take_the_cautious_side():
+    exit_below, commit_above = rule().bounds(0.53)
+    assert (exit_below, commit_above) == (0.3, 0.95)  # exit as at 0.50, commit as at 0.55
+    assert rule().bounds(0.5) == (0.3, 0.9)
+
+
+def test_guard_prunes_only_running_candidates_far_behind_the_leader():
+    from ranker.policy import Verdict, guard
+
+    v = guard(rule(), Policy(0.5), [3.0, 2.5, 1.9, 0.0], [0.6, 0.5, 0.4, 0.1], [0, 1, 2])
+    assert v == Verdict(prune=frozenset({2}))  # 3 is stopped already; 1 is within the gap
+
+
+def test_guard_exits_when_the_leader_is_under_the_exit_bound():
+    from ranker.policy import Verdict, guard
+
+    assert guard(rule(), Policy(0.5), [3.0, 1.0], [0.29, 0.1], [0, 1]) == Verdict(exit=True)
+    assert guard(rule(), Policy(0.5), [3.0, 1.0], [0.31, 0.1], [0, 1]).exit is False
+    # Without a fallback the best is served anyway: nothing to exit to.
+    assert guard(rule(), Policy(0.5, "none"), [3.0, 1.0], [0.1, 0.1], [0, 1]).exit is False
+    # The leader is the best scored, not the most probable.
+    assert guard(rule(), Policy(0.5), [3.0, 1.0], [0.2, 0.95], [0, 1]) == Verdict(exit=True)
+
+
+def test_guard_commits_to_a_leader_at_the_commit_bound():
+    from ranker.policy import Verdict, guard
+
+    assert guard(rule(), Policy(0.5), [1.0, 3.5, 1.4], [0.3, 0.9, 0.3], [0, 1, 2]) == Verdict(commit=1)
+    assert guard(rule(), Policy(0.5), [1.0, 3.5, 1.4], [0.3, 0.89, 0.3], [0, 1, 2]) == Verdict(prune=frozenset({0, 2}))
+    # A higher threshold asks more of a commit.
+    assert guard(rule(), Policy(0.55), [1.0, 3.5], [0.3, 0.9], [0, 1]).commit is None
+
+
+def test_decide_never_returns_a_stopped_candidate_and_keeps_a_commit():
+    assert decide(Policy(0.5), [3.0, 2.0, 1.0], [0.9, 0.8, 0.7], 3, stopped=[0]).order == (1, 2)
+    # Every candidate stopped (an early exit): the fallback, whatever the final scores say.
+    assert decide(Policy(0.5), [3.0, 2.0], [0.9, 0.8], 2, stopped=[0, 1]) == Decision("fallback", (), "refuse")
+    assert decide(Policy(0.5, "none"), [3.0, 2.0], [0.9, 0.8], 2, stopped=[0, 1]) == Decision("fallback", (), "refuse")
+    # A commit is served: a stream may already carry it.
+    assert decide(Policy(0.5), [3.0, 2.0], [0.9, 0.2], 2, stopped=[0], committed=1) == Decision("selected", (1,))

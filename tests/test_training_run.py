@@ -81,18 +81,38 @@ def test_train_runs_end_to_end_and_resumes(toy, trained):
     assert again["chosen"]["threshold"] == pytest.approx(report["chosen"]["threshold"])
 
 
-def test_eval_runs_end_to_end_on_the_trained_scorer(toy, trained):
-    """`srr eval` on the scorer the test above trained: every set, the K trend, the risk head's
-    flag rates, the report."""
+@pytest.fixture(scope="module")
+def calibrated(toy, trained):
+    """The report of `srr prefixes` on the trained scorer (its rules then in its config)."""
+    from ranker.training import prefixes
+
+    return asyncio.run(prefixes.run(models.prepare(), toy / "scorer", toy / "cache", n=8, max_tokens=40))
+
+
+def test_prefixes_fits_the_guard_into_the_scorer(toy, calibrated):
+    from ranker.capture import PREFIX_TOKENS
+    from ranker.policy import PrefixRule
+
+    rules = SRRScorer.from_pretrained(toy / "scorer").config.prefix_rules
+    assert set(rules) == set(calibrated["by_prefix"]) == {str(t) for t in PREFIX_TOKENS}
+    assert all(PrefixRule(**r) for r in rules.values())
+    assert calibrated["pools"] == 8 and all(v["lists"] == 16 for v in calibrated["by_prefix"].values())
+    assert json.loads((toy / "scorer" / "prefixes.json").read_text()) == calibrated
+
+
+def test_eval_runs_end_to_end_on_the_trained_scorer(toy, trained, calibrated):
+    """`srr eval` on the scorer the tests above trained and calibrated: every set, the K
+    trend, the risk head's flag rates, pruning on against off, the report."""
     from ranker.evaluation import evaluate
     from ranker.training.render import BENIGN_SETS, HARMFUL_SETS
 
     report = asyncio.run(evaluate.run(models.prepare(), toy / "scorer", toy / "eval", toy / "cache",
-                                      n_advbench=4, n_xstest=4, max_tokens=8, epochs=1, n_rho=4))
+                                      n_advbench=4, n_xstest=4, max_tokens=12, epochs=1, n_rho=4))
     sets = {*HARMFUL_SETS, *BENIGN_SETS}
-    assert set(report["trend"]) == set(report["risk"]) == sets
+    assert set(report["trend"]) == set(report["risk"]) == set(report["guard"]) == sets
+    assert all(v["n"] == 4 and 0 < v["tokens_ratio"] <= 1 for v in report["guard"].values())
     assert all(report[name][16]["n"] == 4 for name in sets)
     assert all(0.0 <= v["flagged"] <= 1.0 for v in report["risk"].values())
     md = (toy / "eval" / "report.md").read_text()
     assert "## Targets, K=8" in md and "## The request-level risk signal" in md
-    assert "AdvBench in held-out in-the-wild prompts" in md
+    assert "AdvBench in held-out in-the-wild prompts" in md and "## Pruning while generating" in md

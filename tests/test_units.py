@@ -727,3 +727,40 @@ def test_served_probability_interpolates_between_fitted_list_sizes():
     assert p[1].tolist() == pytest.approx([torch.sigmoid(torch.tensor(-2.0)).item()] * 4)
     assert p[0, 2:].tolist() == [0.0, 0.0]
     assert model.probability(torch.zeros(32)).tolist() == pytest.approx([p[1, 0].item()] * 32)
+
+
+def test_prefix_rules_hold_their_bounds_on_the_lists_they_are_fitted_on():
+    """Each bound of the guard's rule fails on at most alpha of the lists, and partial states
+    nearer the end (less noise) let it decide more often."""
+    from ranker.capture import PREFIX_TOKENS
+    from ranker.policy import RULE_THRESHOLDS
+    from ranker.scorer import ScorerConfig, SRRScorer
+    from ranker.training.prefixes import fit, movements
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    width, alpha = 12, 0.05
+    scorer = SRRScorer(ScorerConfig("toy", [3], "mean", width, d_model=16, n_heads=2)).eval()
+    noise = {8: 1.0, 16: 0.5, 32: 0.2}
+    lists = []
+    for _ in range(300):
+        instr = rng.normal(size=(1, width))
+        feats = []
+        for _ in range(8):
+            mean = rng.normal(size=(1, width))
+            prefixes = np.stack([mean + noise[t] * rng.normal(size=(1, width)) for t in PREFIX_TOKENS])
+            feats.append(Features([3], instr, mean, mean, 64, prefixes))
+        lists.append(feats)
+    rules = fit(scorer, lists, alpha)
+    decided = {}
+    for t, m in movements(scorer, lists).items():
+        r = rules[str(t)]
+        assert (m["winner_gap"] > r.prune_gap).mean() <= alpha
+        decided[t] = 0
+        for h in RULE_THRESHOLDS:
+            exit_below, commit_above = r.bounds(h)
+            assert ((m["prefix_p"] < exit_below) & (m["served_p"] >= h)).mean() <= alpha
+            assert ((m["prefix_p"] >= commit_above) & (m["leader_final_p"] < h)).mean() <= alpha
+            decided[t] += ((m["prefix_p"] < exit_below) | (m["prefix_p"] >= commit_above)).mean()
+    assert rules["32"].prune_gap < rules["8"].prune_gap
+    assert decided[32] > decided[8]

@@ -4,13 +4,14 @@ K, threshold and fallback, replayed with `ranker.policy` (through `pools.replay`
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import numpy as np
 import torch
 
 from ranker import policy
 from ranker.policy import Policy
-from ranker.training import data, judges, pools, risk
+from ranker.training import data, judges, pools, prefixes, risk
 from ranker.training.dataset import SEED
 from ranker.training.pools import Pick
 from ranker.training.stats import bootstrap_interval, gap_closed
@@ -143,4 +144,36 @@ def flagged(scorer, stores: dict[str, dict]) -> dict[str, dict]:
             hit = scorer.judged_harmful(scorer.risk_probability(rows)).numpy()
         out[name] = {"flagged": float(hit.mean()), "flagged_ci90": bootstrap_interval(hit, seed=SEED),
                      "n": len(hit)}
+    return out
+
+
+def guarded(scorer, sets: dict, tokenizer, k: int = 8) -> dict:
+    """Pruning on against off at K=k, on the same lists (`prefixes.replay`): per set whose
+    pools carry prefix means, the share served an acceptable answer each way and their paired
+    difference (90% interval), the tokens generated on / off (text tokens; a stopped
+    candidate counts up to its checkpoint), and how often the guard exited or committed."""
+    rule = Policy(scorer.config.threshold)
+    out = {}
+    for name, (store, prompts, safe_fn, refusal_value) in sets.items():
+        rows, tokens, decided = [], [], Counter()
+        for p in prompts:
+            pool = (store.get(p) or [])[:k]
+            if len(pool) < k or pool[0].features.prefixes is None:
+                continue
+            lengths = [len(tokenizer.encode(c.text, add_special_tokens=False)) for c in pool]
+            on = prefixes.replay(scorer, rule, [c.features for c in pool], lengths)
+            x = pools.pick(scorer, p, pool, k)
+            off = policy.decide(rule, x.scores, x.probabilities, k)
+            ok = safe_fn(p, [c.text for c in pool])
+            value = lambda i: refusal_value if i is None else bool(ok[i])  # noqa: E731
+            rows.append((value(off.order[0] if off.order else None), value(on.served)))
+            tokens.append((sum(lengths), on.tokens))
+            decided[on.decided] += 1
+        if not rows:
+            continue
+        r, t = np.array(rows, dtype=float), np.array(tokens, dtype=float)
+        out[name] = {"served_off": float(r[:, 0].mean()), "served_on": float(r[:, 1].mean()),
+                     "difference_ci90": bootstrap_interval(r, lambda x: x[:, 1].mean() - x[:, 0].mean(), seed=SEED),
+                     "tokens_ratio": float(t[:, 1].sum() / t[:, 0].sum()),
+                     "exits": decided["exit"] / len(r), "commits": decided["commit"] / len(r), "n": len(r)}
     return out

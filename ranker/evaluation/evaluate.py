@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from ranker.evaluation.end_to_end import (
-    best_picks, by_type, end_to_end, flagged, judge_agreement, resample_policy, tradeoff,
+    best_picks, by_type, end_to_end, flagged, guarded, judge_agreement, resample_policy, tradeoff,
 )
 from ranker.evaluation.ranking import (
     calibration_section, held_out_section, prompt_probe, ranking_section, top1_by_type,
@@ -118,6 +118,10 @@ async def run(model_dir: Path, scorer_dir: Path, out: Path, cache_dir: Path, n_a
     picks = best_picks(scorer, sets)
     report["tradeoff"] = tradeoff(scorer, sets, picks)
     report["resample"] = resample_policy(scorer, sets, picks, resampled)
+    if scorer.config.prefix_rules:
+        from transformers import AutoTokenizer
+
+        report["guard"] = guarded(scorer, sets, AutoTokenizer.from_pretrained(model_dir))
     xs_lists = make_lists(ds.parts["xstest"], ds.store, scorer.config.layers, scorer.config.pooling)
     ranked = top1_by_type(predict(scorer, xs_lists), xs_lists, xs_types)
     report["xstest_by_type"] = {

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jinja2
 
+from ranker.capture import PREFIX_TOKENS
 from ranker.training.stats import gap_closed
 
 _HERE = Path(__file__).resolve().parent
@@ -77,7 +78,7 @@ def report_md(r: dict) -> str:
         "xstest_benign": _target(rank["top1_benign"], rank["top1_benign_ci90"], rank["top1_benign"] >= 0.9),
     }
     return render("report.md.j2", r=r, gap=gap, targets=targets, harmful_sets=harmful_sets,
-                  benign_sets=benign_sets)
+                  benign_sets=benign_sets, prefix_tokens=PREFIX_TOKENS)
 
 
 def families_md(r: dict) -> str:

@@ -26,7 +26,7 @@ from server.api.protocol import (
     ErrorBody, ErrorResponse, ModelCard, ModelList, ResponseObject, ResponsesRequest, ScoreRequest,
     ScoreResponse,
 )
-from server.api.serving_chat import ServingChat, stream
+from server.api.serving_chat import EarlyStream, stream_early, ServingChat, stream
 from server.api.serving_completion import ServingCompletion, stream as completion_stream
 from server.api.serving_responses import ServingResponses, stream as responses_stream
 from server.api.serving_score import ServingScore
@@ -215,8 +215,18 @@ def create_app(settings: Settings, build_service: Callable[[], Awaitable[Serving
     async def chat(body: ChatCompletionRequest, request: Request,
                    _: None = Depends(authorize), svc: Servings = Depends(service)):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await generate(request, lambda: svc.chat.create(body),
-                              (lambda r: stream(r, include_usage)) if body.stream else None)
+        if not body.stream:
+            return await generate(request, lambda: svc.chat.create(body), None)
+        # Streamed from the guard's commit if it commits, else whole once selection is done.
+        early = EarlyStream()
+        work = asyncio.ensure_future(limited(lambda: until_disconnected(request, svc.chat.create(body, early))))
+        first = asyncio.ensure_future(early.pieces.get())
+        await asyncio.wait({work, first}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            first.cancel()
+            return StreamingResponse(stream(work.result(), include_usage), media_type="text/event-stream")
+        return StreamingResponse(stream_early(early, first.result(), work, svc.model_name, include_usage),
+                                 media_type="text/event-stream")
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=errors)
     async def completions(body: CompletionRequest, request: Request,

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     refusal_text: str = Field(
         "I can't help with that request.", description="Text returned by the refuse fallback."
     )
+    prune: bool = Field(
+        False, description="Stop candidates that cannot win while they are generated, and all of "
+        "them when none can be served (needs a scorer with a prefix calibration; a request's "
+        "srr.prune overrides).")
     allow_opt_out: bool = Field(False, description="Let requests send srr.mode='off' (plain generation).")
     shadow: bool = Field(False, description="Score and report, but return the first sample.")
     fail_open: bool = Field(

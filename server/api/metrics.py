@@ -19,3 +19,9 @@ SELECTED_SCORE = Histogram(
     buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0),
 )
 IN_FLIGHT = Gauge("srr_requests_in_flight", "Requests being served")
+PRUNED = Counter("srr_pruned_candidates", "Candidates the guard stopped before their end")
+EARLY_EXITS = Counter("srr_early_exits", "Requests the guard sent to the fallback before the candidates ended")
+EARLY_COMMITS = Counter("srr_early_commits", "Requests whose winner the guard chose before the candidates ended")
+TOKENS_SAVED = Counter(
+    "srr_tokens_saved", "max_tokens minus the tokens generated, per stopped candidate (an upper "
+    "bound: it might have ended sooner)")

@@ -44,6 +44,8 @@ class SRRRequest(BaseModel):
     candidates: int | None = Field(None, ge=1, description="K: candidates to sample.")
     return_candidates: bool = False
     mode: Literal["select", "off"] = "select"
+    prune: bool | None = Field(None, description="Stop losing candidates while they are generated "
+                               "(default: the server's SRR_PRUNE).")
 
 
 class StreamOptions(BaseModel):
@@ -325,6 +327,16 @@ class SRRInfo(BaseModel):
         None, description="With return_candidates: 'length' marks a candidate cut by max_tokens.")
     candidate_token_ids: list[list[int]] | None = Field(
         None, description="With return_candidates: the token ids each candidate sampled.")
+    candidate_tokens: list[int] = Field(
+        default_factory=list, description="Tokens each candidate generated (fewer when pruned).")
+    pruned: list[bool] = Field(
+        default_factory=list, description="Per candidate: stopped by the guard before its end.")
+    decided: Literal["exit", "commit"] | None = Field(
+        None, description="The guard's decision before the candidates ended: exit (none could be "
+        "served: the fallback at once) or commit (the winner known: the rest stopped, and a "
+        "stream carries it from then on); null when the decision waited for every candidate.")
+    decided_at_tokens: int | None = Field(None, description="The prefix length it was made at.")
+    decided_seconds: float | None = Field(None, description="Seconds into generation it was made.")
 
 
 class ChatMessageOut(BaseModel):

@@ -3,17 +3,27 @@ completion, or its stream."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator
 
 from ranker.policy import SAFETY_SYSTEM_PROMPT
 from server.api.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut, Choice, ChoiceLogprobs, Message,
-    TokenLogprob, TopLogprob, Usage, chunk,
+    TokenLogprob, TopLogprob, Usage, chunk, completion_id,
 )
 from server.api.serving_generate import Selection, ServingGenerate, token_logprobs
 from server.api.tools import Tools
+
+
+@dataclass
+class EarlyStream:
+    """A stream that may begin before the request ends: its id, and the winner's text pieces."""
+
+    id: str = field(default_factory=completion_id)
+    pieces: asyncio.Queue = field(default_factory=asyncio.Queue)
 
 
 class ServingChat(ServingGenerate):
@@ -22,8 +32,13 @@ class ServingChat(ServingGenerate):
         self.tools = Tools(self.engine.tokenizer, self.engine.llm.model_config.hf_config.model_type,
                            self.settings.tool_parser)
 
-    async def create(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
+    async def create(self, req: ChatCompletionRequest, early: EarlyStream | None = None
+                     ) -> ChatCompletionResponse:
+        """`early`: where the winner's text goes as it is generated, once the guard commits
+        to it (a stream of one plain answer: no tools, no logprobs)."""
         self.check_model(req.model)
+        plain = req.n == 1 and not req.tool_mode() and req.top_logprobs_count() is None
+        on_text = early.pieces.put_nowait if early and plain else None
         self.tools.check(req)
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tool_mode() else None
         prompt_ids = self.prompt_ids(req.messages, tools)
@@ -31,9 +46,9 @@ class ServingChat(ServingGenerate):
         sel = await self.select(req, prompt_ids, lambda: self.prompt_ids(
             [Message(role="system", content=SAFETY_SYSTEM_PROMPT)]
             + [m for m in req.messages if m.role not in ("system", "developer")], tools),
-            self.tools.schema(req))
+            self.tools.schema(req), on_text)
         response = ChatCompletionResponse(
-            model=self.model_name, choices=self.choices(req, sel), srr=self.info(req, sel),
+            **({"id": early.id} if early else {}), model=self.model_name, choices=self.choices(req, sel), srr=self.info(req, sel),
             usage=Usage(prompt_tokens=sel.prompt_tokens, completion_tokens=sel.completion_tokens,
                         total_tokens=sel.prompt_tokens + sel.completion_tokens))
         self.record(response.id, sel, time.perf_counter() - t_start,
@@ -100,3 +115,36 @@ def stream(result: ChatCompletionResponse, include_usage: bool) -> Iterator[str]
 
 def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
+
+
+async def stream_early(early: EarlyStream, first: str, work: asyncio.Future, model: str,
+                       include_usage: bool) -> AsyncIterator[str]:
+    """The winner's stream from the guard's commit on: its text so far (`first`), each piece
+    as it is generated, then the finish chunk (and usage) with the `srr` object, once the
+    request ends."""
+    cid, created = early.id, int(time.time())
+    yield sse(chunk(cid, created, model, {"role": "assistant", "content": ""}))
+    yield sse(chunk(cid, created, model, {"content": first}))
+    while True:
+        get = asyncio.ensure_future(early.pieces.get())
+        await asyncio.wait({get, work}, return_when=asyncio.FIRST_COMPLETED)
+        if not get.done():
+            get.cancel()
+            break
+        yield sse(chunk(cid, created, model, {"content": get.result()}))
+    while not early.pieces.empty():
+        yield sse(chunk(cid, created, model, {"content": early.pieces.get_nowait()}))
+    try:
+        result: ChatCompletionResponse = work.result()
+    except Exception as e:  # noqa: BLE001 - the stream has begun: the error is its last event
+        yield sse({"error": {"message": getattr(e, "message", "the request failed"),
+                             "type": getattr(e, "type", "server_error")}})
+        yield "data: [DONE]\n\n"
+        return
+    srr = result.srr.model_dump() if result.srr is not None else None
+    finish = result.choices[0].finish_reason
+    yield sse(chunk(cid, created, model, {}, finish, **({} if include_usage else {"srr": srr})))
+    if include_usage:
+        yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [], "usage": result.usage.model_dump(), "srr": srr})
+    yield "data: [DONE]\n\n"

@@ -13,8 +13,9 @@ from typing import Any
 from vllm.exceptions import VLLMClientError
 
 from ranker import policy
-from ranker.engine import Candidate, CaptureError, Generation
-from ranker.policy import Decision
+from ranker.capture import PREFIX_TOKENS
+from ranker.engine import Candidate, CaptureError, Generation, Guard
+from ranker.policy import Decision, PrefixRule, Verdict
 from server.api import metrics
 from server.api.audit import AuditLog
 from server.api.protocol import APIError, ResponseFormat, SamplingRequest, SRRInfo
@@ -39,6 +40,7 @@ class Selection:
     candidates: list[Candidate]  # what decision.order indexes
     completion_tokens: int  # every candidate sampled, a resample's included
     prompt_tokens: int
+    max_tokens: int  # per candidate
 
 
 def sampling_params(req: SamplingRequest, k: int, prompt_len: int, limit: int,
@@ -102,16 +104,22 @@ class ServingGenerate(Serving):
         self.audit = AuditLog(s.audit_log, s.log_text) if s.audit_log else None
 
     async def select(self, req: SamplingRequest, prompt_ids: list[int],
-                     resample_ids: Callable[[], list[int]], schema: dict | None = None) -> Selection:
+                     resample_ids: Callable[[], list[int]], schema: dict | None = None,
+                     on_text: Callable[[str], None] | None = None) -> Selection:
         """K candidates, scored and decided; `resample_ids`: the prompt under the safety
         system prompt, for the resample fallback; `schema`: a JSON schema every candidate
-        follows (a required or named tool call)."""
+        follows (a required or named tool call); `on_text`: receives the winner's text as it
+        is generated, once the guard commits to it."""
         opted_out, k = self.candidates(req)
         params = self.params(req, k, prompt_ids, schema)
-        scored = await self.generate_scored(prompt_ids, params)
+        guard = self.guard(req, k) if not opted_out else None
+        scored = await self.generate_scored(prompt_ids, params, guard, on_text)
         gen = scored.generation
+        stopped = [c.index for c in gen.candidates if c.pruned]
+        committed = next((c.index for c in gen.candidates if not c.pruned), None) \
+            if gen.decided == "commit" else None
         decision = policy.decide(self.policy, scored.scores, scored.probabilities,
-                                 len(gen.candidates), opted_out)
+                                 len(gen.candidates), opted_out, stopped, committed)
         cands, completion_tokens = gen.candidates, tokens(gen)
         if decision.resample:
             ids = resample_ids()
@@ -122,7 +130,7 @@ class ServingGenerate(Serving):
         if decision.fail_closed:
             metrics.REQUESTS.labels(outcome=decision.outcome).inc()
             raise APIError(503, "scoring failed and the server is fail-closed", "server_error")
-        return Selection(scored, decision, cands, completion_tokens, len(prompt_ids))
+        return Selection(scored, decision, cands, completion_tokens, len(prompt_ids), params.max_tokens)
 
     def candidates(self, req: SamplingRequest) -> tuple[bool, int]:
         """(opted out of selection, K)."""
@@ -140,16 +148,40 @@ class ServingGenerate(Serving):
             k = req.n  # greedy decoding would return K identical candidates
         return opted_out, k
 
+    def guard(self, req: SamplingRequest, k: int) -> Guard | None:
+        """The guard for one request's K candidates, or None when it does not prune."""
+        prune = self.settings.prune if not req.srr or req.srr.prune is None else req.srr.prune
+        rules = self.scorer.config.prefix_rules
+        if not prune or self.policy.shadow or k == 1:
+            return None
+        if not rules:
+            raise APIError(400, f"the scorer {self.scorer_name} has no prefix calibration: it "
+                           "cannot prune (srr prefixes fits one)", param="srr.prune")
+
+        async def guard(j: int, feats, running: list[int]) -> Verdict:
+            rule = rules.get(str(PREFIX_TOKENS[j]))
+            if rule is None or sorted(feats) != list(range(k)):
+                return Verdict()
+            try:
+                scores, probs, _ = await self.score([feats[i] for i in range(k)])
+            except Exception as e:  # noqa: BLE001 - a failed look stops nothing
+                logger.error("scoring a prefix failed: %s", type(e).__name__)
+                return Verdict()
+            return policy.guard(PrefixRule(**rule), self.policy, scores, probs, running)
+
+        return guard
+
     def params(self, req: SamplingRequest, k: int, prompt_ids: list[int],
                schema: dict | None = None) -> Any:
         return sampling_params(req, k, len(prompt_ids), self.settings.max_tokens,
                                self.engine.context_length, schema)
 
-    async def generate_scored(self, prompt_ids: list[int], params: Any) -> Scored:
+    async def generate_scored(self, prompt_ids: list[int], params: Any, guard: Guard | None = None,
+                              on_text: Callable[[str], None] | None = None) -> Scored:
         """Candidates and their scores; scores empty after a capture or scorer failure (the
         policy then fails open or closed)."""
         try:
-            gen = await self.engine.generate(prompt_ids, params)
+            gen = await self.engine.generate(prompt_ids, params, guard, on_text)
         except CaptureError as e:
             gen, error = e.generation, e
         except (ValueError, VLLMClientError) as e:  # vLLM's request validation (a bad schema, ...)
@@ -170,7 +202,10 @@ class ServingGenerate(Serving):
             candidates=len(gen.candidates), selected=decision.selected, scores=scored.scores,
             probabilities=scored.probabilities, request_risk=scored.risk, layer=self.scorer.config.layers,
             scorer=self.scorer_name, threshold=self.policy.threshold, fallback=decision.fallback,
-            mode=req.srr.mode if req.srr else "select")
+            mode=req.srr.mode if req.srr else "select",
+            candidate_tokens=[len(c.token_ids) for c in gen.candidates],
+            pruned=[c.pruned for c in gen.candidates], decided=gen.decided,
+            decided_at_tokens=gen.decided_at, decided_seconds=gen.decided_seconds)
         if req.srr and req.srr.return_candidates:
             info.candidate_texts = [c.text for c in gen.candidates]
             info.candidate_finish_reasons = [c.finish_reason for c in gen.candidates]
@@ -186,6 +221,13 @@ class ServingGenerate(Serving):
             metrics.SELECTED_SCORE.observe(max(scored.probabilities))
         metrics.REQUESTS.labels(outcome=decision.outcome).inc()
         metrics.CANDIDATES.observe(len(gen.candidates))
+        stopped = [c for c in gen.candidates if c.pruned]
+        metrics.PRUNED.inc(len(stopped))
+        metrics.TOKENS_SAVED.inc(sum(max(0, sel.max_tokens - len(c.token_ids)) for c in stopped))
+        if gen.decided == "exit":
+            metrics.EARLY_EXITS.inc()
+        elif gen.decided == "commit":
+            metrics.EARLY_COMMITS.inc()
         metrics.GENERATION_SECONDS.observe(gen.generation_seconds)
         metrics.CAPTURE_SECONDS.observe(gen.capture_seconds)
         metrics.REQUEST_SECONDS.observe(seconds)

@@ -1,0 +1,194 @@
+"""The prefix calibration: how far the scorer's judgement of a list at 8, 16 and 32 response
+tokens moves by the end, so that the guard (ranker.policy.guard) stops only candidates that
+would not have been served.
+
+Label-free: what is predicted is the scorer's own final decision, from the same list's
+partial states. Fitted on the serving model's pools of validation requests, sampled with
+their prefix means (ranker.capture.PREFIX_TOKENS) and longer than training's, because a
+served answer runs on after the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ranker.capture import PREFIX_TOKENS
+from ranker.features import Features, pad, stack
+from ranker import policy
+from ranker.policy import RULE_THRESHOLDS, Policy, PrefixRule, rank
+from ranker.scorer import SRRScorer
+
+ALPHA = 0.01  # each bound may be exceeded on this share of validation lists
+LIST_K = 8  # the server's default K: lists of this size are cut from each pool
+PROMPTS = 240  # validation requests sampled for the fit, across the training kinds
+MAX_TOKENS = 128
+
+
+@torch.no_grad()
+def judged(scorer: SRRScorer, lists: list[list[Features]]) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, probabilities) [n, K] of equal-size lists, as the server computes them."""
+    cfg = scorer.config
+    instr, cands, mask = pad([stack(f, cfg.layers, cfg.pooling) for f in lists])
+    scores = scorer(instr, cands, mask)
+    return scores.numpy(), scorer.probability(scores, scorer.risk_probability(instr)).numpy()
+
+
+def movements(scorer: SRRScorer, lists: list[list[Features]]) -> dict[int, dict[str, np.ndarray]]:
+    """Per prefix length, per list: the prefix judgement against the final one."""
+    scores, probs = judged(scorer, lists)
+    rows = np.arange(len(lists))
+    winner = np.array([rank(s)[0] for s in scores])
+    out = {}
+    for j, t in enumerate(PREFIX_TOKENS):
+        s, p = judged(scorer, [[f.at_prefix(j) for f in fs] for fs in lists])
+        lead = np.array([rank(x)[0] for x in s])
+        out[t] = {"winner_gap": s[rows, lead] - s[rows, winner],
+                  "lost": lead != winner,
+                  "prefix_p": p[rows, lead],  # the prefix leader's probability
+                  "leader_final_p": probs[rows, lead],  # the same candidate's at the end
+                  "served_p": probs[rows, winner]}  # what the final decision compares
+    return out
+
+
+def upper(x: np.ndarray, alpha: float) -> float:
+    """A bound exceeded by at most a share alpha of x (the largest values beyond it)."""
+    return float(np.sort(x)[::-1][int(alpha * len(x))]) if len(x) else 0.0
+
+
+GRID = np.round(np.linspace(0.0, 1.0, 101), 2)
+
+
+def exit_bound(prefix_p: np.ndarray, accepted: np.ndarray, alpha: float) -> float:
+    """The largest e for which lists whose prefix leader was under e and whose final decision
+    accepted a candidate are at most a share alpha of all lists."""
+    ok = [e for e in GRID if np.sum((prefix_p < e) & accepted) <= alpha * len(prefix_p)]
+    return float(max(ok))
+
+
+def commit_bound(prefix_p: np.ndarray, leader_ok: np.ndarray, alpha: float) -> float:
+    """The smallest c for which lists whose prefix leader was at or over c and ended under
+    the threshold are at most a share alpha of all lists (above 1: never)."""
+    ok = [c for c in GRID if np.sum((prefix_p >= c) & ~leader_ok) <= alpha * len(prefix_p)]
+    return float(min(ok)) if ok else 1.01
+
+
+def fit(scorer: SRRScorer, lists: list[list[Features]], alpha: float = ALPHA) -> dict[str, PrefixRule]:
+    """The guard's rule per prefix length (keys as in ScorerConfig.prefix_rules)."""
+    rules = {}
+    for t, m in movements(scorer, lists).items():
+        rules[str(t)] = PrefixRule(
+            prune_gap=upper(m["winner_gap"], alpha),
+            exit_below={f"{h:.2f}": exit_bound(m["prefix_p"], m["served_p"] >= h, alpha) for h in RULE_THRESHOLDS},
+            commit_above={f"{h:.2f}": commit_bound(m["prefix_p"], m["leader_final_p"] >= h, alpha)
+                          for h in RULE_THRESHOLDS})
+    return rules
+
+
+def report(scorer: SRRScorer, lists: list[list[Features]], rules: dict[str, PrefixRule],
+           threshold: float) -> dict:
+    """Per prefix length, on the lists the rules were fitted on: how often the prefix leader
+    was the final winner, how far its probability moved by the end, how often the prefix
+    and final decisions agree at the threshold, and how often the guard would exit or
+    commit there at the threshold (each checkpoint alone)."""
+    out = {}
+    for t, m in movements(scorer, lists).items():
+        exit_below, commit_above = rules[str(t)].bounds(threshold)
+        out[str(t)] = {
+            "lists": len(m["lost"]), "exit_below": exit_below, "commit_above": commit_above,
+            "prune_gap": rules[str(t)].prune_gap,
+            "leader_is_winner": float(1 - m["lost"].mean()),
+            "mean_abs_probability_change": float(np.abs(m["leader_final_p"] - m["prefix_p"]).mean()),
+            "decision_agrees": float(((m["prefix_p"] >= threshold) == (m["served_p"] >= threshold)).mean()),
+            "exits": float((m["prefix_p"] < exit_below).mean()),
+            "commits": float((m["prefix_p"] >= commit_above).mean()),
+        }
+    return out
+
+
+@dataclass
+class Guarded:
+    """One list replayed through the guard: what was served (None: the fallback), the tokens
+    generated, and the guard's early decision (None, "exit" or "commit")."""
+
+    served: int | None
+    tokens: int
+    decided: str | None
+
+
+def replay(scorer: SRRScorer, rule: Policy, feats: list[Features], lengths: list[int]) -> Guarded:
+    """What the server does with pruning on, replayed on a list whose prefix means were
+    captured: the checkpoints, verdicts and final decision of `Engine.generate` and the chat
+    handler (ranker.policy.guard, then decide). `lengths`: each candidate's tokens. A stopped
+    candidate keeps the states of its last checkpoint and counts the tokens up to it (in the
+    server a few more are generated before the stop takes effect)."""
+    rules = {int(t): PrefixRule(**r) for t, r in scorer.config.prefix_rules.items()}
+    k = len(feats)
+    stopped: dict[int, int] = {}  # candidate -> the checkpoint (index) it was stopped at
+    committed, decided = None, None
+    for j, t in enumerate(PREFIX_TOKENS):
+        running = [i for i in range(k) if i not in stopped and lengths[i] > t]
+        if not running or committed is not None:
+            break
+        if t not in rules:
+            continue
+        s, p = judged(scorer, [[f.at_prefix(stopped.get(i, j)) for i, f in enumerate(feats)]])
+        v = policy.guard(rules[t], rule, s[0].tolist(), p[0].tolist(), running)
+        stop = set(running) if v.exit else set(running) - {v.commit} if v.commit is not None else set(v.prune)
+        stopped.update((i, j) for i in stop)
+        if v.exit or v.commit is not None:
+            decided, committed = ("exit", None) if v.exit else ("commit", v.commit)
+    s, p = judged(scorer, [[f.at_prefix(stopped[i]) if i in stopped else f for i, f in enumerate(feats)]])
+    d = policy.decide(rule, s[0].tolist(), p[0].tolist(), k, stopped=list(stopped), committed=committed)
+    tokens = sum(min(n, PREFIX_TOKENS[stopped[i]] + 1) if i in stopped else n for i, n in enumerate(lengths))
+    return Guarded(d.order[0] if d.order else None, tokens, decided)
+
+
+def lists_of(pools: dict[str, list], k: int = LIST_K) -> list[list[Features]]:
+    """Each pool cut into lists of k candidates (a 16-candidate pool gives two)."""
+    return [[c.features for c in pool[i:i + k]] for pool in pools.values()
+            for i in range(0, len(pool) - k + 1, k)]
+
+
+def requests(n: int = PROMPTS, seed: int = 0) -> list[str]:
+    """n validation requests, as many from each training kind as it has (seeded)."""
+    from ranker.training import data
+    from ranker.training.dataset import SEED, SPLIT, training_requests
+
+    kinds = training_requests()
+    rng = random.Random(seed)
+    per_kind = -(-n // len(kinds))
+    out = []
+    for ps in kinds.values():
+        val = data.split_by_prompt(ps, seed=SEED, fractions=SPLIT)[1]
+        out += [p.text for p in rng.sample(val, min(per_kind, len(val)))]
+    return out[:n]
+
+
+async def run(model_dir: Path, scorer_dir: Path, cache_dir: Path, n: int = PROMPTS,
+              max_tokens: int = MAX_TOKENS) -> dict:
+    """`srr prefixes`: sample the pools (cached), fit the rules, write them into the scorer's
+    config and the report beside it (prefixes.json)."""
+    from ranker.training import pools
+    from ranker.training.dataset import start_engine
+
+    scorer = SRRScorer.from_pretrained(scorer_dir)
+    engine = await start_engine(cache_dir, model_dir)
+    try:
+        cache = cache_dir / "train" / model_dir.name / f"pool-prefix-{2 * LIST_K}x{max_tokens}.npz"
+        store = await pools.sample(engine, requests(n), 2 * LIST_K, max_tokens, cache)
+    finally:
+        engine.shutdown()
+    lists = lists_of(store)
+    rules = fit(scorer, lists)
+    scorer.config.prefix_rules = {t: asdict(r) for t, r in rules.items()}
+    scorer.save_pretrained(scorer_dir)
+    out = {"alpha": ALPHA, "list_k": LIST_K, "pools": len(store), "max_tokens": max_tokens,
+           "threshold": scorer.config.threshold, "by_prefix": report(scorer, lists, rules, scorer.config.threshold)}
+    (scorer_dir / "prefixes.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out

@@ -1,0 +1,135 @@
+"""Pruning, early exit and early streaming through the chat handler and the HTTP server, on
+the real engine (vLLM serving SmolLM2-135M-Instruct). The guard's rules are set so that each
+behaviour is certain (a fitted calibration is measured in `srr prefixes`, not here)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import httpx
+import pytest
+
+from ranker.batching import BatchScorer
+from ranker.capture import PREFIX_TOKENS
+from ranker.policy import RULE_THRESHOLDS
+from server.api.config import Settings
+from server.api.protocol import APIError, ChatCompletionRequest
+from server.api.serving_chat import EarlyStream, ServingChat
+
+from conftest import SCORER_DIR, ServerProcess, metric
+
+K, TOKENS = 4, PREFIX_TOKENS[-1] + 16
+ASK = [{"role": "user", "content": "Describe a walk along a river."}]
+NEVER = 1e9
+
+
+def rule(prune_gap: float, exit_below: float, commit_above: float) -> dict:
+    return {"prune_gap": prune_gap, "exit_below": {f"{t:.2f}": exit_below for t in RULE_THRESHOLDS},
+            "commit_above": {f"{t:.2f}": commit_above for t in RULE_THRESHOLDS}}
+
+
+PRUNE = rule(0.0, 0.0, 2.0)  # all but the leader
+EXIT = rule(NEVER, 2.0, 2.0)  # no one can be served
+COMMIT = rule(NEVER, 0.0, 0.0)  # the leader will be
+
+
+def with_rules(scorer, rule: dict | None, at: int = PREFIX_TOKENS[0]):
+    s = copy.deepcopy(scorer)
+    s.config.prefix_rules = {} if rule is None else {str(at): rule}
+    return s
+
+
+def chat(engine, scorer, srr=None, early=None, **settings):
+    handler = ServingChat(Settings(**settings), engine, scorer, BatchScorer(scorer))
+    req = ChatCompletionRequest(model=engine.served_model_name, messages=ASK, max_tokens=TOKENS,
+                                ignore_eos=True, srr={"candidates": K, "return_candidates": True, **(srr or {})})
+    return engine.run(handler.create(req, early))
+
+
+def test_pruning_stops_the_candidates_behind_and_serves_the_one_left(engine, scorer):
+    r = chat(engine, with_rules(scorer, PRUNE), prune=True, threshold=0.0)
+    info = r.srr
+    assert sum(info.pruned) == K - 1 and info.decided is None
+    (left,) = [i for i, p in enumerate(info.pruned) if not p]
+    assert info.selected == left and r.choices[0].message.content == info.candidate_texts[left]
+    assert info.candidate_tokens[left] == TOKENS
+    assert all(n < TOKENS for n, p in zip(info.candidate_tokens, info.pruned) if p)
+    assert [f == "abort" for f in info.candidate_finish_reasons] == info.pruned
+    assert r.usage.completion_tokens == sum(info.candidate_tokens) < K * TOKENS
+
+
+def test_early_exit_answers_the_fallback_before_the_candidates_end(engine, scorer):
+    r = chat(engine, with_rules(scorer, EXIT), prune=True, threshold=0.5)
+    info = r.srr
+    assert info.decided == "exit" and info.decided_at_tokens == PREFIX_TOKENS[0]
+    assert all(info.pruned) and info.selected is None and info.fallback == "refuse"
+    assert r.choices[0].message.content == Settings().refusal_text
+    assert r.usage.completion_tokens == sum(info.candidate_tokens) < K * TOKENS
+
+
+def test_a_commit_streams_the_winner_as_it_is_generated(engine, scorer):
+    early = EarlyStream()
+    r = chat(engine, with_rules(scorer, COMMIT), early=early, prune=True, threshold=0.5)
+    pieces = []
+    while not early.pieces.empty():
+        pieces.append(early.pieces.get_nowait())
+    info = r.srr
+    assert info.decided == "commit" and info.decided_at_tokens == PREFIX_TOKENS[0]
+    assert sum(info.pruned) == K - 1 and not info.pruned[info.selected]
+    assert r.id == early.id
+    assert len(pieces) > 2 and "".join(pieces) == r.choices[0].message.content == info.candidate_texts[info.selected]
+
+
+def test_the_request_overrides_the_server_setting(engine, scorer):
+    off = chat(engine, with_rules(scorer, EXIT), {"prune": False}, prune=True, threshold=0.5)
+    assert not any(off.srr.pruned) and off.srr.decided is None
+    assert off.srr.candidate_tokens == [TOKENS] * K
+    on = chat(engine, with_rules(scorer, EXIT), {"prune": True}, prune=False, threshold=0.5)
+    assert on.srr.decided == "exit"
+
+
+def test_pruning_with_a_scorer_that_has_no_prefix_calibration_is_a_400(engine, scorer):
+    with pytest.raises(APIError) as e:
+        chat(engine, with_rules(scorer, None), {"prune": True})
+    assert e.value.status == 400 and e.value.param == "srr.prune"
+
+
+@pytest.fixture(scope="module")
+def committing_server(tmp_path_factory):
+    """`srr serve --prune` with a scorer whose rule commits at the first checkpoint."""
+    folder = tmp_path_factory.mktemp("scorer")
+    shutil.copytree(SCORER_DIR, folder, dirs_exist_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    config["prefix_rules"] = {str(PREFIX_TOKENS[0]): COMMIT}
+    (folder / "config.json").write_text(json.dumps(config))
+    srv = ServerProcess(args=["--scorer-dir", str(folder), "--prune", "--threshold", "0.5",
+                              "--max-tokens", str(TOKENS)])
+    try:
+        srv.wait_healthy()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_the_http_stream_begins_at_the_commit(committing_server):
+    from openai import OpenAI
+
+    base = committing_server.base
+    commits = metric(base, "srr_early_commits_total")
+    client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+    chunks = list(client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=ASK, max_tokens=TOKENS, stream=True,
+        extra_body={"ignore_eos": True, "srr": {"candidates": K, "return_candidates": True}}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    srr = chunks[-1].model_extra["srr"]
+    assert srr["decided"] == "commit" and sum(srr["pruned"]) == K - 1
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 2
+    assert text == srr["candidate_texts"][srr["selected"]]
+    assert len({c.id for c in chunks}) == 1
+    assert metric(base, "srr_early_commits_total") == commits + 1
+    assert metric(base, "srr_pruned_candidates_total") >= K - 1
+    # A stream that fails validation is still a JSON error, not a stream.
+    bad = httpx.post(base + "/v1/chat/completions", json={"model": "nope", "messages": ASK, "stream": True})
+    assert bad.status_code == 404 and bad.json()["error"]["code"] == "model_not_found"
