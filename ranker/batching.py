@@ -19,24 +19,25 @@ from ranker.scorer import SRRScorer
 class BatchScorer:
     def __init__(self, scorer: SRRScorer):
         self.scorer = scorer.eval()
-        self.pending: list[tuple[np.ndarray, np.ndarray, asyncio.Future]] = []
+        self.pending: dict[bool, list[tuple[np.ndarray, np.ndarray, asyncio.Future]]] = {False: [], True: []}
         self.batches = 0  # forwards run, for tests and metrics
 
-    async def score(self, instruction: np.ndarray, candidates: np.ndarray
+    async def score(self, instruction: np.ndarray, candidates: np.ndarray, partial: bool = False
                     ) -> tuple[list[float], list[float], float | None]:
-        """(scores, probabilities, the request's risk or None without a risk head)."""
+        """(scores, probabilities, the request's risk or None without a risk head).
+        `partial`: the candidates are partial responses (see SRRScorer.forward)."""
         fut = asyncio.get_running_loop().create_future()
-        self.pending.append((instruction, candidates, fut))
-        if len(self.pending) == 1:
-            asyncio.get_running_loop().call_soon(self._run)
+        self.pending[partial].append((instruction, candidates, fut))
+        if len(self.pending[partial]) == 1:
+            asyncio.get_running_loop().call_soon(self._run, partial)
         return await fut
 
     @torch.no_grad()
-    def _run(self) -> None:
-        batch, self.pending = self.pending, []
+    def _run(self, partial: bool) -> None:
+        batch, self.pending[partial] = self.pending[partial], []
         try:
             instr, cands, mask = pad([(i, c) for i, c, _ in batch])
-            scores = self.scorer(instr, cands, mask)
+            scores = self.scorer(instr, cands, mask, partial)
             risk = self.scorer.risk_probability(instr)
             probs = self.scorer.probability(scores, risk)
             self.batches += 1

@@ -52,6 +52,9 @@ class ScorerConfig:
     # The guard's rule per prefix length ("8", "16", "32"), fields of ranker.policy.PrefixRule,
     # fitted by `srr prefixes` (ranker/training/prefixes.py); empty: the scorer cannot prune.
     prefix_rules: dict[str, dict] = field(default_factory=dict)
+    # A second projection and block that score a list of partial responses as the first
+    # scores the whole ones (trained by `srr prefixes`): what the guard reads.
+    prefix_head: bool = False
     threshold: float = 0.5  # on P(acceptable); chosen on validation
     name: str = "srr"
     version: str = "0"
@@ -86,17 +89,26 @@ class SRRScorer(nn.Module):
         )
         # The request-level risk signal: logistic on the standardized instruction vector.
         self.risk = nn.Linear(config.input_dim, 1) if config.risk_threshold is not None else None
+        if config.prefix_head:
+            self.prefix_proj = nn.Linear(config.input_dim, d)
+            self.prefix_block = nn.TransformerEncoderLayer(
+                d, config.n_heads, 4 * d, config.dropout, batch_first=True, norm_first=False
+            )
 
     def forward(self, instruction: torch.Tensor, candidates: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """instruction [B, D], candidates [B, K, D], mask [B, K] (True = real) -> scores [B, K]."""
+                mask: torch.Tensor | None = None, partial: bool = False) -> torch.Tensor:
+        """instruction [B, D], candidates [B, K, D], mask [B, K] (True = real) -> scores [B, K].
+        `partial`: the candidates are partial responses (prefix means): read by the prefix
+        head where the scorer has one."""
+        proj, block = ((self.prefix_proj, self.prefix_block) if partial and self.config.prefix_head
+                       else (self.proj, self.block))
         x = torch.cat([instruction.unsqueeze(1), candidates], dim=1)
-        x = self.proj((x - self.feat_mean) / self.feat_std)
+        x = proj((x - self.feat_mean) / self.feat_std)
         pad = None
         if mask is not None:
             keep = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
             pad = ~keep
-        h = self.block(x, src_key_padding_mask=pad)
+        h = block(x, src_key_padding_mask=pad)
         scores = F.cosine_similarity(h[:, :1], h[:, 1:], dim=-1) / self.config.tau
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))

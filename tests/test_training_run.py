@@ -93,10 +93,14 @@ def test_prefixes_fits_the_guard_into_the_scorer(toy, calibrated):
     from ranker.capture import PREFIX_TOKENS
     from ranker.policy import PrefixRule
 
-    rules = SRRScorer.from_pretrained(toy / "scorer").config.prefix_rules
+    config = SRRScorer.from_pretrained(toy / "scorer").config
+    rules = config.prefix_rules
+    assert config.prefix_head
     assert set(rules) == set(calibrated["by_prefix"]) == {str(t) for t in PREFIX_TOKENS}
     assert all(PrefixRule(**r) for r in rules.values())
-    assert calibrated["pools"] == 8 and all(v["lists"] == 16 for v in calibrated["by_prefix"].values())
+    pools = calibrated["pools"]
+    assert pools["head"] + pools["rules"] == 8
+    assert all(v["lists"] == 2 * pools["rules"] for v in calibrated["by_prefix"].values())
     assert json.loads((toy / "scorer" / "prefixes.json").read_text()) == calibrated
 
 

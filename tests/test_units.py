@@ -764,3 +764,42 @@ def test_prefix_rules_hold_their_bounds_on_the_lists_they_are_fitted_on():
             decided[t] += ((m["prefix_p"] < exit_below) | (m["prefix_p"] >= commit_above)).mean()
     assert rules["32"].prune_gap < rules["8"].prune_gap
     assert decided[32] > decided[8]
+
+
+def test_the_prefix_head_learns_the_final_scores_and_leaves_the_scorer_alone(tmp_path):
+    """`srr prefixes` trains a second head to score partial responses as the scorer scores
+    whole ones: on lists it never saw, it is nearer the final scores than the scorer reading
+    the same prefixes; the scorer's own head is untouched; the checkpoint round-trips."""
+    from ranker.capture import PREFIX_TOKENS
+    from ranker.scorer import ScorerConfig, SRRScorer
+    from ranker.training.prefixes import judged, tune
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    width = 12
+    scorer = SRRScorer(ScorerConfig("toy", [3], "mean", width, d_model=16, n_heads=2)).eval()
+    drift = rng.normal(size=(1, width))  # prefixes differ from the whole in a consistent way
+
+    def pool(n=16):
+        instr = rng.normal(size=(1, width))
+        cands = []
+        for j in range(n):
+            mean = rng.normal(size=(1, width))
+            prefixes = np.stack([mean + drift * (3 - i) + 0.1 * rng.normal(size=(1, width))
+                                 for i in range(len(PREFIX_TOKENS))])
+            cands.append(Candidate(j, "", [], None, Features([3], instr, mean, mean, 64, prefixes)))
+        return cands
+
+    tuned = tune(scorer, {f"p{i}": pool() for i in range(60)}, epochs=20)
+    held = [[c.features for c in pool(8)] for _ in range(40)]
+    final, _ = judged(scorer, held)
+    for j in range(len(PREFIX_TOKENS)):
+        at = [[f.at_prefix(j) for f in fs] for fs in held]
+        before = np.mean((judged(scorer, at, partial=True)[0] - final) ** 2)
+        after = np.mean((judged(tuned, at, partial=True)[0] - final) ** 2)
+        assert after < 0.5 * before, (j, before, after)
+    assert np.allclose(judged(tuned, held)[0], final, atol=1e-5)
+    tuned.save_pretrained(tmp_path)
+    again = SRRScorer.from_pretrained(tmp_path)
+    assert again.config.prefix_head and np.allclose(judged(again, held, partial=True)[0],
+                                                    judged(tuned, held, partial=True)[0], atol=1e-5)

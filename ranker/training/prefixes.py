@@ -1,22 +1,31 @@
-"""The prefix calibration: how far the scorer's judgement of a list at 8, 16 and 32 response
-tokens moves by the end, so that the guard (ranker.policy.guard) stops only candidates that
-would not have been served.
+"""`srr prefixes`: what the guard (ranker.policy.guard) reads while candidates are generated.
+
+1. A prefix head: a second projection and block of the scorer, initialized from the first
+   and trained so that its scores of a list of partial responses (the means of their first
+   8, 16, 32 tokens) match the scorer's scores of the whole responses. The scorer itself is
+   unchanged (its head, calibration and threshold): a partial score means what a final one
+   means, and the final decision stays what `srr eval` measured.
+2. The rules: how far the judgement of a list at each prefix length was from its end, so
+   that the guard stops only what would not have been served.
 
 Label-free: what is predicted is the scorer's own final decision, from the same list's
 partial states. Fitted on the serving model's pools of validation requests, sampled with
 their prefix means (ranker.capture.PREFIX_TOKENS) and longer than training's, because a
-served answer runs on after the last checkpoint.
+served answer runs on after the last checkpoint; half the requests train the head, the
+other half fit the rules, so the rules' bounds are measured on lists the head never saw.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+import zlib
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ranker.capture import PREFIX_TOKENS
 from ranker.features import Features, pad, stack
@@ -26,16 +35,19 @@ from ranker.scorer import SRRScorer
 
 ALPHA = 0.01  # each bound may be exceeded on this share of validation lists
 LIST_K = 8  # the server's default K: lists of this size are cut from each pool
-PROMPTS = 240  # validation requests sampled for the fit, across the training kinds
+PROMPTS = 400  # validation requests sampled, across the training kinds: half train the head, half fit the rules
 MAX_TOKENS = 128
+TUNE_EPOCHS = 30
+TUNE_SUBSETS = 8  # random lists drawn from each pool to train the prefix head
 
 
 @torch.no_grad()
-def judged(scorer: SRRScorer, lists: list[list[Features]]) -> tuple[np.ndarray, np.ndarray]:
+def judged(scorer: SRRScorer, lists: list[list[Features]], partial: bool = False
+           ) -> tuple[np.ndarray, np.ndarray]:
     """(scores, probabilities) [n, K] of equal-size lists, as the server computes them."""
     cfg = scorer.config
     instr, cands, mask = pad([stack(f, cfg.layers, cfg.pooling) for f in lists])
-    scores = scorer(instr, cands, mask)
+    scores = scorer(instr, cands, mask, partial)
     return scores.numpy(), scorer.probability(scores, scorer.risk_probability(instr)).numpy()
 
 
@@ -46,7 +58,7 @@ def movements(scorer: SRRScorer, lists: list[list[Features]]) -> dict[int, dict[
     winner = np.array([rank(s)[0] for s in scores])
     out = {}
     for j, t in enumerate(PREFIX_TOKENS):
-        s, p = judged(scorer, [[f.at_prefix(j) for f in fs] for fs in lists])
+        s, p = judged(scorer, [[f.at_prefix(j) for f in fs] for fs in lists], partial=True)
         lead = np.array([rank(x)[0] for x in s])
         out[t] = {"winner_gap": s[rows, lead] - s[rows, winner],
                   "lost": lead != winner,
@@ -137,7 +149,7 @@ def replay(scorer: SRRScorer, rule: Policy, feats: list[Features], lengths: list
             break
         if t not in rules:
             continue
-        s, p = judged(scorer, [[f.at_prefix(stopped.get(i, j)) for i, f in enumerate(feats)]])
+        s, p = judged(scorer, [[f.at_prefix(stopped.get(i, j)) for i, f in enumerate(feats)]], partial=True)
         v = policy.guard(rules[t], rule, s[0].tolist(), p[0].tolist(), running)
         stop = set(running) if v.exit else set(running) - {v.commit} if v.commit is not None else set(v.prune)
         stopped.update((i, j) for i in stop)
@@ -153,6 +165,43 @@ def lists_of(pools: dict[str, list], k: int = LIST_K) -> list[list[Features]]:
     """Each pool cut into lists of k candidates (a 16-candidate pool gives two)."""
     return [[c.features for c in pool[i:i + k]] for pool in pools.values()
             for i in range(0, len(pool) - k + 1, k)]
+
+
+def tune(scorer: SRRScorer, pools: dict[str, list], epochs: int = TUNE_EPOCHS, seed: int = 0) -> SRRScorer:
+    """The scorer with a prefix head trained on `pools` (see the module doc): on random
+    LIST_K-subsets of each pool, the head's scores of the list at every prefix length (and
+    whole, as a response shorter than a prefix is) regress on the scorer's scores of the
+    whole list. Only the head trains."""
+    rng, cfg = random.Random(seed), scorer.config
+    torch.manual_seed(seed)
+    lists = [[pool[i].features for i in rng.sample(range(len(pool)), LIST_K)]
+             for pool in pools.values() if len(pool) >= LIST_K for _ in range(TUNE_SUBSETS)]
+    model = SRRScorer(replace(cfg, prefix_head=True))
+    model.load_state_dict(scorer.state_dict(), strict=False)
+    model.prefix_proj.load_state_dict(scorer.proj.state_dict())
+    model.prefix_block.load_state_dict(scorer.block.state_dict())
+    head = [p for name, p in model.named_parameters() if name.startswith("prefix_")]
+    instr, full, mask = pad([stack(f, cfg.layers, cfg.pooling) for f in lists])
+    with torch.no_grad():
+        target = scorer.eval()(instr, full, mask)
+    views = [full] + [pad([stack([f.at_prefix(j) for f in fs], cfg.layers, cfg.pooling) for fs in lists])[1]
+                      for j in range(len(PREFIX_TOKENS))]
+    opt = torch.optim.Adam(head, lr=1e-4)
+    model.train()
+    for _ in range(epochs):
+        for b in torch.randperm(len(lists)).split(64):
+            loss = sum(F.mse_loss(model(instr[b], v[b], mask[b], partial=True), target[b]) for v in views)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def halves(store: dict[str, list]) -> tuple[dict[str, list], dict[str, list]]:
+    """The pools in two halves, alternately in the order of a hash of their request:
+    (train the head, fit the rules)."""
+    order = sorted(store, key=lambda p: zlib.crc32(p.encode()))
+    return {p: store[p] for p in order[0::2]}, {p: store[p] for p in order[1::2]}
 
 
 def requests(n: int = PROMPTS, seed: int = 0) -> list[str]:
@@ -184,11 +233,17 @@ async def run(model_dir: Path, scorer_dir: Path, cache_dir: Path, n: int = PROMP
         store = await pools.sample(engine, requests(n), 2 * LIST_K, max_tokens, cache)
     finally:
         engine.shutdown()
-    lists = lists_of(store)
+    train_pools, fit_pools = halves(store)
+    lists = lists_of(fit_pools)
+    threshold = scorer.config.threshold
+    # Without the head (the scorer reading prefix means as whole responses), for comparison.
+    untuned = report(scorer, lists, fit(scorer, lists), threshold)
+    scorer = tune(scorer, train_pools)
     rules = fit(scorer, lists)
     scorer.config.prefix_rules = {t: asdict(r) for t, r in rules.items()}
     scorer.save_pretrained(scorer_dir)
-    out = {"alpha": ALPHA, "list_k": LIST_K, "pools": len(store), "max_tokens": max_tokens,
-           "threshold": scorer.config.threshold, "by_prefix": report(scorer, lists, rules, scorer.config.threshold)}
+    out = {"alpha": ALPHA, "list_k": LIST_K, "max_tokens": max_tokens, "threshold": threshold,
+           "pools": {"head": len(train_pools), "rules": len(fit_pools)},
+           "by_prefix": report(scorer, lists, rules, threshold), "without_head": untuned}
     (scorer_dir / "prefixes.json").write_text(json.dumps(out, indent=2) + "\n")
     return out

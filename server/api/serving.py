@@ -49,10 +49,12 @@ class Serving:
                                 f"is {self.engine.context_length}.", param)
         return ids
 
-    async def score(self, features: list[Features]) -> tuple[list[float], list[float], float | None]:
-        """(scores, probabilities, the request's risk: None without a risk head)."""
+    async def score(self, features: list[Features], partial: bool = False
+                    ) -> tuple[list[float], list[float], float | None]:
+        """(scores, probabilities, the request's risk: None without a risk head). `partial`:
+        features of partial responses (the guard's)."""
         cfg = self.scorer.config
-        return await self.batch.score(*stack(features, cfg.layers, cfg.pooling))
+        return await self.batch.score(*stack(features, cfg.layers, cfg.pooling), partial)
 
 
 def context_error(message: str, param: str) -> APIError:

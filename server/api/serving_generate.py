@@ -163,7 +163,7 @@ class ServingGenerate(Serving):
             if rule is None or sorted(feats) != list(range(k)):
                 return Verdict()
             try:
-                scores, probs, _ = await self.score([feats[i] for i in range(k)])
+                scores, probs, _ = await self.score([feats[i] for i in range(k)], partial=True)
             except Exception as e:  # noqa: BLE001 - a failed look stops nothing
                 logger.error("scoring a prefix failed: %s", type(e).__name__)
                 return Verdict()
