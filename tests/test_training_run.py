@@ -98,8 +98,8 @@ def test_prefixes_fits_the_guard_into_the_scorer(toy, calibrated):
     assert config.prefix_head
     assert set(rules) == set(calibrated["by_prefix"]) == {str(t) for t in PREFIX_TOKENS}
     assert all(PrefixRule(**r) for r in rules.values())
-    pools = calibrated["pools"]
-    assert pools["head"] + pools["rules"] == 8
+    pools = calibrated["pools"]  # of 8 requests, less those over 1,024 tokens
+    assert pools["rules"] >= 1 and pools["head"] - pools["rules"] in (0, 1)  # halves, alternately
     assert all(v["lists"] == 2 * pools["rules"] for v in calibrated["by_prefix"].values())
     assert json.loads((toy / "scorer" / "prefixes.json").read_text()) == calibrated
 
