@@ -84,6 +84,8 @@ def serve(settings: Settings) -> int:
 
     model_dir = model_dir_of(settings.model_dir)
     scorer = load_scorer(scorer_dir_of(settings.scorer_dir, model_dir), model_dir)
+    if settings.prune and not scorer.config.prefix_rules:
+        raise SystemExit("SRR_PRUNE needs a scorer with a prefix calibration: run `srr prefixes` on it")
     engine = Engine(model_dir, scorer.config.layers, cache_dir=settings.cache_dir,
                     max_model_len=settings.max_model_len, enforce_eager=settings.enforce_eager,
                     served_model_name=settings.served_model_name, dtype=settings.dtype)

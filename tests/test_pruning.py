@@ -41,9 +41,9 @@ def with_rules(scorer, rule: dict | None, at: int = PREFIX_TOKENS[0]):
     return s
 
 
-def chat(engine, scorer, srr=None, early=None, **settings):
+def chat(engine, scorer, srr=None, early=None, n=1, **settings):
     handler = ServingChat(Settings(**settings), engine, scorer, BatchScorer(scorer))
-    req = ChatCompletionRequest(model=engine.served_model_name, messages=ASK, max_tokens=TOKENS,
+    req = ChatCompletionRequest(model=engine.served_model_name, messages=ASK, max_tokens=TOKENS, n=n,
                                 ignore_eos=True, srr={"candidates": K, "return_candidates": True, **(srr or {})})
     return engine.run(handler.create(req, early))
 
@@ -90,10 +90,26 @@ def test_the_request_overrides_the_server_setting(engine, scorer):
     assert on.srr.decided == "exit"
 
 
+def test_n_best_are_never_pruned_away(engine, scorer):
+    r = chat(engine, with_rules(scorer, PRUNE), n=2, prune=True, threshold=0.0)
+    assert not any(r.srr.pruned) and len(r.choices) == 2
+
+
 def test_pruning_with_a_scorer_that_has_no_prefix_calibration_is_a_400(engine, scorer):
     with pytest.raises(APIError) as e:
         chat(engine, with_rules(scorer, None), {"prune": True})
     assert e.value.status == 400 and e.value.param == "srr.prune"
+
+
+def test_serve_refuses_to_prune_with_a_scorer_that_cannot(model_dir, tmp_path):
+    from test_models import srr
+
+    shutil.copytree(SCORER_DIR, tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["prefix_rules"] = {}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = srr("serve", "--scorer-dir", str(tmp_path), "--prune", timeout=300)
+    assert out.returncode != 0 and "srr prefixes" in out.stderr
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ranker import policy
 from ranker.capture import PREFIX_TOKENS
 from ranker.features import Features, pad, stack
-from ranker import policy
 from ranker.policy import RULE_THRESHOLDS, Policy, PrefixRule, rank
 from ranker.scorer import SRRScorer
 

@@ -152,7 +152,7 @@ class ServingGenerate(Serving):
         """The guard for one request's K candidates, or None when it does not prune."""
         prune = self.settings.prune if not req.srr or req.srr.prune is None else req.srr.prune
         rules = self.scorer.config.prefix_rules
-        if not prune or self.policy.shadow or k == 1:
+        if not prune or self.policy.shadow or k == 1 or req.n > 1:  # n > 1: n must survive
             return None
         if not rules:
             raise APIError(400, f"the scorer {self.scorer_name} has no prefix calibration: it "
