@@ -279,22 +279,24 @@ class CaptureState:
         reached = torch.tensor([int(self.count[slot]) >= t for t in PREFIX_TOKENS], device=self.device)
         return torch.where(reached[:, None, None], self.prefix[slot], mean.unsqueeze(0))
 
+    def _mean(self, slot: int) -> tuple[int, torch.Tensor]:
+        """The slot's response rows so far, and their mean (the instruction state before any)."""
+        count = int(self.count[slot])
+        return count, self.sum[slot] / count if count else self.instr[slot]
+
     def peek(self, tags: list[str], prefix: int) -> list[dict]:
         """While the requests run: per candidate, its response rows so far and its mean at
         PREFIX_TOKENS[prefix] (its current mean while shorter). Frees nothing."""
         wanted = set(tags)
         out = []
-        for rid, slot in self.slot_of.items():
+        for slot in self.slot_of.values():
             _, tag, index = self.meta[slot]
             if tag not in wanted:
                 continue
-            count = int(self.count[slot])
-            instr = self.instr[slot]
-            mean = self.sum[slot] / count if count else instr
+            count, mean = self._mean(slot)
             out.append({"tag": tag, "index": index, "ok": bool(self.has_instr[slot]),
-                        "response_rows": count,
-                        "instr": instr.float().cpu().numpy().tobytes(),
-                        "mean": self._prefixes(slot, mean)[prefix].float().cpu().numpy().tobytes()})
+                        "response_rows": count, "instr": _bytes(self.instr[slot]),
+                        "mean": _bytes(self._prefixes(slot, mean)[prefix])})
         return out
 
     def fetch(self, tags: list[str], release_only: bool = False) -> list[dict]:
@@ -304,23 +306,20 @@ class CaptureState:
             slot = self.slot_of[rid]
             _, tag, index = self.meta[slot]
             if not release_only:
-                count = int(self.count[slot])
-                instr = self.instr[slot]
-                mean = self.sum[slot] / count if count else instr
-                last = self.last[slot] if count else instr
+                count, mean = self._mean(slot)
                 out.append({
-                    "tag": tag,
-                    "index": index,
-                    "ok": bool(self.has_instr[slot]),
-                    "response_rows": count,
-                    "rows": int(self.rows[slot]),
-                    "instr": instr.float().cpu().numpy().tobytes(),
-                    "mean": mean.float().cpu().numpy().tobytes(),
-                    "last": last.float().cpu().numpy().tobytes(),
-                    "prefixes": self._prefixes(slot, mean).float().cpu().numpy().tobytes(),
+                    "tag": tag, "index": index, "ok": bool(self.has_instr[slot]),
+                    "response_rows": count, "rows": int(self.rows[slot]),
+                    "instr": _bytes(self.instr[slot]), "mean": _bytes(mean),
+                    "last": _bytes(self.last[slot] if count else self.instr[slot]),
+                    "prefixes": _bytes(self._prefixes(slot, mean)),
                 })
             self._drop(rid)
         return out
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.float().cpu().numpy().tobytes()
 
 
 class CaptureWorkerExtension:

@@ -222,9 +222,12 @@ class Engine:
             raise CaptureError(f"no captured states for candidate(s) {missing} of request {tag}")
         return got
 
+    def _array(self, rec: dict, key: str, *lead: int) -> np.ndarray:
+        """One of the capture's float32 payloads, as [*lead, layers, width]."""
+        return np.frombuffer(rec[key], dtype=np.float32).reshape(*lead, len(self.layers), self.hidden_size)
+
     def _features(self, rec: dict) -> Features:
-        shape = (len(self.layers), self.hidden_size)
-        arr = lambda k, *lead: np.frombuffer(rec[k], dtype=np.float32).reshape(*lead, *shape)  # noqa: E731
+        arr = lambda k, *lead: self._array(rec, k, *lead)  # noqa: E731
         return Features(layers=self.layers, instruction=arr("instr"), mean=arr("mean"),
                         last=arr("last"), response_rows=rec["response_rows"],
                         prefixes=arr("prefixes", len(capture.PREFIX_TOKENS)))
@@ -336,11 +339,10 @@ class Engine:
     async def _peek(self, tag: str, prefix: int) -> dict[int, Features]:
         """The candidates' features at PREFIX_TOKENS[prefix] (or as far as they got)."""
         recs = (await self.llm.collective_rpc("srr_peek", args=([tag], prefix)))[0]
-        shape = (len(self.layers), self.hidden_size)
         out = {}
         for r in recs:
-            arr = lambda k: np.frombuffer(r[k], dtype=np.float32).reshape(shape)  # noqa: E731
-            out[r["index"]] = Features(self.layers, arr("instr"), arr("mean"), arr("mean"),
+            mean = self._array(r, "mean")  # the prefix mean stands for the last state too
+            out[r["index"]] = Features(self.layers, self._array(r, "instr"), mean, mean,
                                        min(r["response_rows"], capture.PREFIX_TOKENS[prefix]))
         return out
 

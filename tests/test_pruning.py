@@ -15,8 +15,9 @@ from ranker.batching import BatchScorer
 from ranker.capture import PREFIX_TOKENS
 from ranker.policy import RULE_THRESHOLDS
 from server.api.config import Settings
-from server.api.protocol import APIError, ChatCompletionRequest
-from server.api.serving_chat import EarlyStream, ServingChat
+from server.api.protocol import APIError, ChatCompletionRequest, completion_id
+from server.api.serving_chat import ServingChat
+from server.api.streaming import EarlyStream
 
 from conftest import SCORER_DIR, ServerProcess, metric
 
@@ -70,7 +71,7 @@ def test_early_exit_answers_the_fallback_before_the_candidates_end(engine, score
 
 
 def test_a_commit_streams_the_winner_as_it_is_generated(engine, scorer):
-    early = EarlyStream()
+    early = EarlyStream(completion_id())
     r = chat(engine, with_rules(scorer, COMMIT), early=early, prune=True, threshold=0.5)
     pieces = []
     while not early.pieces.empty():
@@ -149,3 +150,39 @@ def test_the_http_stream_begins_at_the_commit(committing_server):
     # A stream that fails validation is still a JSON error, not a stream.
     bad = httpx.post(base + "/v1/chat/completions", json={"model": "nope", "messages": ASK, "stream": True})
     assert bad.status_code == 404 and bad.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_completion_stream_begins_at_the_commit(committing_server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=committing_server.base + "/v1", api_key="unused", max_retries=0, timeout=300)
+    chunks = list(client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt="A walk along a river, described:", max_tokens=TOKENS,
+        stream=True, extra_body={"ignore_eos": True, "srr": {"candidates": K, "return_candidates": True}}))
+    srr = chunks[-1].model_extra["srr"]
+    assert srr["decided"] == "commit" and sum(srr["pruned"]) == K - 1
+    assert len([c for c in chunks if c.choices[0].text]) > 2
+    assert "".join(c.choices[0].text for c in chunks) == srr["candidate_texts"][srr["selected"]]
+    assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+    assert chunks[-1].usage.completion_tokens == sum(srr["candidate_tokens"])
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("cmpl-")
+
+
+def test_a_response_stream_begins_at_the_commit(committing_server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=committing_server.base + "/v1", api_key="unused", max_retries=0, timeout=300)
+    events = list(client.responses.create(
+        model="SmolLM2-135M-Instruct", input=ASK[0]["content"], max_output_tokens=TOKENS, stream=True,
+        extra_body={"seed": 0, "srr": {"candidates": K, "return_candidates": True}}))
+    final = events[-1].response
+    srr = final.model_dump()["srr"]
+    assert srr["decided"] == "commit" and sum(srr["pruned"]) == K - 1
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) > 2 and "".join(deltas) == final.output_text == srr["candidate_texts"][srr["selected"]]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [e.type for e in events[:4]] == ["response.created", "response.in_progress",
+                                            "response.output_item.added", "response.content_part.added"]
+    assert {e.response.id for e in events if hasattr(e, "response")} == {final.id}
+    assert {e.item_id for e in events if hasattr(e, "item_id")} == {final.output[0].id}
+    assert final.usage.output_tokens == sum(srr["candidate_tokens"])

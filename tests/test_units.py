@@ -751,9 +751,10 @@ def test_prefix_rules_hold_their_bounds_on_the_lists_they_are_fitted_on():
             prefixes = np.stack([mean + noise[t] * rng.normal(size=(1, width)) for t in PREFIX_TOKENS])
             feats.append(Features([3], instr, mean, mean, 64, prefixes))
         lists.append(feats)
-    rules = fit(scorer, lists, alpha)
+    moves = movements(scorer, lists)
+    rules = fit(moves, alpha)
     decided = {}
-    for t, m in movements(scorer, lists).items():
+    for t, m in moves.items():
         r = rules[str(t)]
         assert (m["winner_gap"] > r.prune_gap).mean() <= alpha
         decided[t] = 0

@@ -51,7 +51,10 @@ def judged(scorer: SRRScorer, lists: list[list[Features]], partial: bool = False
     return scores.numpy(), scorer.probability(scores, scorer.risk_probability(instr)).numpy()
 
 
-def movements(scorer: SRRScorer, lists: list[list[Features]]) -> dict[int, dict[str, np.ndarray]]:
+Movements = dict[int, dict[str, np.ndarray]]  # prefix length -> measure -> a value per list
+
+
+def movements(scorer: SRRScorer, lists: list[list[Features]]) -> Movements:
     """Per prefix length, per list: the prefix judgement against the final one."""
     scores, probs = judged(scorer, lists)
     rows = np.arange(len(lists))
@@ -90,10 +93,11 @@ def commit_bound(prefix_p: np.ndarray, leader_ok: np.ndarray, alpha: float) -> f
     return float(min(ok)) if ok else 1.01
 
 
-def fit(scorer: SRRScorer, lists: list[list[Features]], alpha: float = ALPHA) -> dict[str, PrefixRule]:
-    """The guard's rule per prefix length (keys as in ScorerConfig.prefix_rules)."""
+def fit(moves: Movements, alpha: float = ALPHA) -> dict[str, PrefixRule]:
+    """The guard's rule per prefix length (keys as in ScorerConfig.prefix_rules), from the
+    `movements` of validation lists."""
     rules = {}
-    for t, m in movements(scorer, lists).items():
+    for t, m in moves.items():
         rules[str(t)] = PrefixRule(
             prune_gap=upper(m["winner_gap"], alpha),
             exit_below={f"{h:.2f}": exit_bound(m["prefix_p"], m["served_p"] >= h, alpha) for h in RULE_THRESHOLDS},
@@ -102,14 +106,13 @@ def fit(scorer: SRRScorer, lists: list[list[Features]], alpha: float = ALPHA) ->
     return rules
 
 
-def report(scorer: SRRScorer, lists: list[list[Features]], rules: dict[str, PrefixRule],
-           threshold: float) -> dict:
+def report(moves: Movements, rules: dict[str, PrefixRule], threshold: float) -> dict:
     """Per prefix length, on the lists the rules were fitted on: how often the prefix leader
     was the final winner, how far its probability moved by the end, how often the prefix
     and final decisions agree at the threshold, and how often the guard would exit or
     commit there at the threshold (each checkpoint alone)."""
     out = {}
-    for t, m in movements(scorer, lists).items():
+    for t, m in moves.items():
         exit_below, commit_above = rules[str(t)].bounds(threshold)
         out[str(t)] = {
             "lists": len(m["lost"]), "exit_below": exit_below, "commit_above": commit_above,
@@ -237,13 +240,15 @@ async def run(model_dir: Path, scorer_dir: Path, cache_dir: Path, n: int = PROMP
     lists = lists_of(fit_pools)
     threshold = scorer.config.threshold
     # Without the head (the scorer reading prefix means as whole responses), for comparison.
-    untuned = report(scorer, lists, fit(scorer, lists), threshold)
+    moves = movements(scorer, lists)
+    untuned = report(moves, fit(moves), threshold)
     scorer = tune(scorer, train_pools)
-    rules = fit(scorer, lists)
+    moves = movements(scorer, lists)
+    rules = fit(moves)
     scorer.config.prefix_rules = {t: asdict(r) for t, r in rules.items()}
     scorer.save_pretrained(scorer_dir)
     out = {"alpha": ALPHA, "list_k": LIST_K, "max_tokens": max_tokens, "threshold": threshold,
            "pools": {"head": len(train_pools), "rules": len(fit_pools)},
-           "by_prefix": report(scorer, lists, rules, threshold), "without_head": untuned}
+           "by_prefix": report(moves, rules, threshold), "without_head": untuned}
     (scorer_dir / "prefixes.json").write_text(json.dumps(out, indent=2) + "\n")
     return out

@@ -8,7 +8,7 @@ import hmac
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,12 +24,17 @@ from server.api.config import Settings
 from server.api.protocol import (
     APIError, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
     ErrorBody, ErrorResponse, ModelCard, ModelList, ResponseObject, ResponsesRequest, ScoreRequest,
-    ScoreResponse,
+    ScoreResponse, completion_id, text_completion_id,
 )
-from server.api.serving_chat import EarlyStream, stream_early, ServingChat, stream
-from server.api.serving_completion import ServingCompletion, stream as completion_stream
-from server.api.serving_responses import ServingResponses, stream as responses_stream
+from server.api.serving_chat import ServingChat, stream as chat_stream, stream_early as chat_stream_early
+from server.api.serving_completion import (
+    ServingCompletion, stream as completion_stream, stream_early as completion_stream_early,
+)
+from server.api.serving_responses import (
+    ServingResponses, stream as responses_stream, stream_early as responses_stream_early,
+)
 from server.api.serving_score import ServingScore
+from server.api.streaming import EarlyStream
 
 logger = logging.getLogger(__name__)
 
@@ -203,42 +208,52 @@ def create_app(settings: Settings, build_service: Callable[[], Awaitable[Serving
 
     errors = {status: {"model": ErrorResponse} for status in (400, 404, 429, 503)}
 
-    async def generate(request: Request, create: Callable[[], Awaitable],
-                       stream_events: Callable | None):
-        """One selection, answered whole or as the endpoint's event stream."""
-        result = await limited(lambda: until_disconnected(request, create()))
-        if stream_events is None:
-            return result
-        return StreamingResponse(stream_events(result), media_type="text/event-stream")
+    async def generate(request: Request, create: Callable[[], Awaitable]):
+        """One selection, answered whole."""
+        return await limited(lambda: until_disconnected(request, create()))
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=errors)
-    async def chat(body: ChatCompletionRequest, request: Request,
-                   _: None = Depends(authorize), svc: Servings = Depends(service)):
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        if not body.stream:
-            return await generate(request, lambda: svc.chat.create(body), None)
-        # Streamed from the guard's commit if it commits, else whole once selection is done.
-        early = EarlyStream()
-        work = asyncio.ensure_future(limited(lambda: until_disconnected(request, svc.chat.create(body, early))))
+    async def streamed(request: Request, early: EarlyStream, create: Callable[[], Awaitable],
+                       whole: Callable[[Any], Iterator[str]],
+                       from_commit: Callable[[str, asyncio.Future], AsyncIterator[str]]):
+        """One selection as the endpoint's event stream: from the guard's commit if it commits
+        (`create` sends the winner's text to `early`), else whole once selection is done. An
+        error before the stream begins is still a JSON error."""
+        work = asyncio.ensure_future(limited(lambda: until_disconnected(request, create())))
         first = asyncio.ensure_future(early.pieces.get())
         await asyncio.wait({work, first}, return_when=asyncio.FIRST_COMPLETED)
         if work.done():
             first.cancel()
-            return StreamingResponse(stream(work.result(), include_usage), media_type="text/event-stream")
-        return StreamingResponse(stream_early(early, first.result(), work, svc.model_name, include_usage),
-                                 media_type="text/event-stream")
+            return StreamingResponse(whole(work.result()), media_type="text/event-stream")
+        return StreamingResponse(from_commit(first.result(), work), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=errors)
+    async def chat(body: ChatCompletionRequest, request: Request,
+                   _: None = Depends(authorize), svc: Servings = Depends(service)):
+        if not body.stream:
+            return await generate(request, lambda: svc.chat.create(body))
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        early = EarlyStream(completion_id())
+        return await streamed(request, early, lambda: svc.chat.create(body, early),
+                              lambda result: chat_stream(result, usage),
+                              lambda first, work: chat_stream_early(early, first, work, svc.model_name, usage))
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=errors)
     async def completions(body: CompletionRequest, request: Request,
                           _: None = Depends(authorize), svc: Servings = Depends(service)):
-        return await generate(request, lambda: svc.completion.create(body),
-                              completion_stream if body.stream else None)
+        if not body.stream:
+            return await generate(request, lambda: svc.completion.create(body))
+        early = EarlyStream(text_completion_id())
+        return await streamed(request, early, lambda: svc.completion.create(body, early), completion_stream,
+                              lambda first, work: completion_stream_early(early, first, work, svc.model_name))
 
     @app.post("/v1/responses", response_model=ResponseObject, responses=errors)
     async def responses(body: ResponsesRequest, request: Request,
                         _: None = Depends(authorize), svc: Servings = Depends(service)):
-        return await generate(request, lambda: svc.responses.create(body),
-                              responses_stream if body.stream else None)
+        if not body.stream:
+            return await generate(request, lambda: svc.responses.create(body))
+        early = EarlyStream(completion_id())  # the chat completion underneath
+        return await streamed(request, early, lambda: svc.responses.create(body, early), responses_stream,
+                              lambda first, work: responses_stream_early(body, early, first, work, svc.model_name))
 
     @app.post("/v1/srr/score", response_model=ScoreResponse,
               responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})

@@ -398,6 +398,10 @@ def completion_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex
 
 
+def text_completion_id() -> str:
+    return "cmpl-" + uuid.uuid4().hex
+
+
 class ChatCompletionResponse(BaseModel):
     id: str = Field(default_factory=completion_id)
     object: Literal["chat.completion"] = "chat.completion"
@@ -409,7 +413,7 @@ class ChatCompletionResponse(BaseModel):
 
 
 class CompletionResponse(BaseModel):
-    id: str = Field(default_factory=lambda: "cmpl-" + uuid.uuid4().hex)
+    id: str = Field(default_factory=text_completion_id)
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str

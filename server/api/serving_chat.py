@@ -6,24 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
 
 from ranker.policy import SAFETY_SYSTEM_PROMPT
 from server.api.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut, Choice, ChoiceLogprobs, Message,
-    TokenLogprob, TopLogprob, Usage, chunk, completion_id,
+    TokenLogprob, TopLogprob, Usage, chunk,
 )
 from server.api.serving_generate import Selection, ServingGenerate, token_logprobs
+from server.api.streaming import DONE, EarlyStream, error_body, sse
 from server.api.tools import Tools
-
-
-@dataclass
-class EarlyStream:
-    """A stream that may begin before the request ends: its id, and the winner's text pieces."""
-
-    id: str = field(default_factory=completion_id)
-    pieces: asyncio.Queue = field(default_factory=asyncio.Queue)
 
 
 class ServingChat(ServingGenerate):
@@ -48,7 +40,8 @@ class ServingChat(ServingGenerate):
             + [m for m in req.messages if m.role not in ("system", "developer")], tools),
             self.tools.schema(req), on_text)
         response = ChatCompletionResponse(
-            **({"id": early.id} if early else {}), model=self.model_name, choices=self.choices(req, sel), srr=self.info(req, sel),
+            **({"id": early.id, "created": early.created} if early else {}),
+            model=self.model_name, choices=self.choices(req, sel), srr=self.info(req, sel),
             usage=Usage(prompt_tokens=sel.prompt_tokens, completion_tokens=sel.completion_tokens,
                         total_tokens=sel.prompt_tokens + sel.completion_tokens))
         self.record(response.id, sel, time.perf_counter() - t_start,
@@ -85,13 +78,12 @@ def chat_logprobs(c, top: int) -> ChoiceLogprobs:
 
 
 def stream(result: ChatCompletionResponse, include_usage: bool) -> Iterator[str]:
-    """Selection needs every candidate finished, so the winner is streamed after selection.
+    """The selected answer, once selection is done.
 
     Each returned choice streams as a role chunk, a content chunk and a finish chunk; the
     `srr` object rides on the last chunk (the usage chunk when asked for).
     """
     cid, created, model = result.id, result.created, result.model
-    last = len(result.choices) - 1
     for c in result.choices:
         yield sse(chunk(cid, created, model, {"role": "assistant", "content": ""}, index=c.index))
         m = c.message
@@ -100,51 +92,35 @@ def stream(result: ChatCompletionResponse, include_usage: bool) -> Iterator[str]
             delta["tool_calls"] = [{"index": i, **call.model_dump()} for i, call in enumerate(m.tool_calls)]
         yield sse(chunk(cid, created, model, delta, index=c.index,
                         logprobs=c.logprobs.model_dump() if c.logprobs else None))
-        extra = {}
-        if c.index == last and not include_usage and result.srr is not None:
-            extra["srr"] = result.srr.model_dump()
-        yield sse(chunk(cid, created, model, {}, c.finish_reason, index=c.index, **extra))
+        if c is not result.choices[-1]:
+            yield sse(chunk(cid, created, model, {}, c.finish_reason, index=c.index))
+    yield from tail(result, include_usage)
+
+
+def tail(result: ChatCompletionResponse, include_usage: bool) -> Iterator[str]:
+    """The last choice's finish chunk, the usage chunk when asked for, and [DONE]."""
+    cid, created, model = result.id, result.created, result.model
+    srr = {"srr": result.srr.model_dump()} if result.srr is not None else {}
+    c = result.choices[-1]
+    yield sse(chunk(cid, created, model, {}, c.finish_reason, index=c.index, **({} if include_usage else srr)))
     if include_usage:
-        body = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                "model": model, "choices": [], "usage": result.usage.model_dump()}
-        if result.srr is not None:
-            body["srr"] = result.srr.model_dump()
-        yield sse(body)
-    yield "data: [DONE]\n\n"
-
-
-def sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
+        yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [], "usage": result.usage.model_dump(), **srr})
+    yield DONE
 
 
 async def stream_early(early: EarlyStream, first: str, work: asyncio.Future, model: str,
                        include_usage: bool) -> AsyncIterator[str]:
-    """The winner's stream from the guard's commit on: its text so far (`first`), each piece
-    as it is generated, then the finish chunk (and usage) with the `srr` object, once the
-    request ends."""
-    cid, created = early.id, int(time.time())
-    yield sse(chunk(cid, created, model, {"role": "assistant", "content": ""}))
-    yield sse(chunk(cid, created, model, {"content": first}))
-    while True:
-        get = asyncio.ensure_future(early.pieces.get())
-        await asyncio.wait({get, work}, return_when=asyncio.FIRST_COMPLETED)
-        if not get.done():
-            get.cancel()
-            break
-        yield sse(chunk(cid, created, model, {"content": get.result()}))
-    while not early.pieces.empty():
-        yield sse(chunk(cid, created, model, {"content": early.pieces.get_nowait()}))
+    """The winner's stream from the guard's commit on: its text as it is generated, then the
+    finish chunk (and usage) with the `srr` object, once the request ends."""
+    yield sse(chunk(early.id, early.created, model, {"role": "assistant", "content": ""}))
+    async for text in early.text(first, work):
+        yield sse(chunk(early.id, early.created, model, {"content": text}))
     try:
         result: ChatCompletionResponse = work.result()
     except Exception as e:  # noqa: BLE001 - the stream has begun: the error is its last event
-        yield sse({"error": {"message": getattr(e, "message", "the request failed"),
-                             "type": getattr(e, "type", "server_error")}})
-        yield "data: [DONE]\n\n"
+        yield sse({"error": error_body(e)})
+        yield DONE
         return
-    srr = result.srr.model_dump() if result.srr is not None else None
-    finish = result.choices[0].finish_reason
-    yield sse(chunk(cid, created, model, {}, finish, **({} if include_usage else {"srr": srr})))
-    if include_usage:
-        yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [], "usage": result.usage.model_dump(), "srr": srr})
-    yield "data: [DONE]\n\n"
+    for event in tail(result, include_usage):
+        yield event

@@ -8,27 +8,33 @@ scorer learned from; treat its decisions on this endpoint with that in mind (doc
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-import json
 import time
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 from ranker.policy import SAFETY_SYSTEM_PROMPT
 from server.api.protocol import (
     APIError, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage,
 )
 from server.api.serving_generate import Selection, ServingGenerate, token_logprobs
+from server.api.streaming import DONE, EarlyStream, error_body, sse
 
 
 class ServingCompletion(ServingGenerate):
-    async def create(self, req: CompletionRequest) -> CompletionResponse:
+    async def create(self, req: CompletionRequest, early: EarlyStream | None = None) -> CompletionResponse:
+        """`early`: where the winner's text goes as it is generated, once the guard commits
+        to it (a stream of one answer without logprobs)."""
         self.check_model(req.model)
         prompt_ids = self.text_ids(req.text())
         t_start = time.perf_counter()
+        plain = req.n == 1 and req.top_logprobs_count() is None
         # The resample fallback's safety instruction, as text before the prompt: no roles here.
         sel = await self.select(req, prompt_ids,
-                                lambda: self.text_ids(f"{SAFETY_SYSTEM_PROMPT}\n\n{req.text()}"))
+                                lambda: self.text_ids(f"{SAFETY_SYSTEM_PROMPT}\n\n{req.text()}"),
+                                on_text=early.pieces.put_nowait if early and plain else None)
         response = CompletionResponse(
+            **({"id": early.id, "created": early.created} if early else {}),
             model=self.model_name, choices=self.choices(req, sel), srr=self.info(req, sel),
             usage=Usage(prompt_tokens=sel.prompt_tokens, completion_tokens=sel.completion_tokens,
                         total_tokens=sel.prompt_tokens + sel.completion_tokens))
@@ -64,13 +70,35 @@ def completion_logprobs(c, top: int) -> CompletionLogprobs:
 def stream(result: CompletionResponse) -> Iterator[str]:
     """The selected text as one `text_completion` chunk per choice, then [DONE]; the `srr`
     object and usage ride on the last chunk."""
-    last = len(result.choices) - 1
     for c in result.choices:
-        body = {"id": result.id, "object": "text_completion", "created": result.created,
-                "model": result.model, "choices": [c.model_dump()]}
-        if c.index == last:
-            body["usage"] = result.usage.model_dump()
-            if result.srr is not None:
-                body["srr"] = result.srr.model_dump()
-        yield f"data: {json.dumps(body)}\n\n"
-    yield "data: [DONE]\n\n"
+        body = piece(result.id, result.created, result.model, c.model_dump())
+        if c is result.choices[-1]:
+            body.update(tail(result))
+        yield sse(body)
+    yield DONE
+
+
+def piece(cid: str, created: int, model: str, choice: dict) -> dict:
+    return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+
+
+def tail(result: CompletionResponse) -> dict:
+    return {"usage": result.usage.model_dump(), **({"srr": result.srr.model_dump()} if result.srr else {})}
+
+
+async def stream_early(early: EarlyStream, first: str, work: asyncio.Future, model: str) -> AsyncIterator[str]:
+    """The winner's text from the guard's commit on, a chunk per piece as it is generated; the
+    last chunk carries the finish reason, usage and the `srr` object, once the request ends."""
+    async for text in early.text(first, work):
+        yield sse(piece(early.id, early.created, model,
+                        CompletionChoice(index=0, text=text, finish_reason=None).model_dump()))
+    try:
+        result: CompletionResponse = work.result()
+    except Exception as e:  # noqa: BLE001 - the stream has begun: the error is its last event
+        yield sse({"error": error_body(e)})
+        yield DONE
+        return
+    (c,) = result.choices
+    last = CompletionChoice(index=0, text="", finish_reason=c.finish_reason).model_dump()
+    yield sse(piece(early.id, early.created, model, last) | tail(result))
+    yield DONE

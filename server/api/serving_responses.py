@@ -3,26 +3,46 @@ underneath (one path through selection), answered as a `response` object or its 
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 from server.api.protocol import (
     APIError, ChatCompletionResponse, OutputMessage, OutputRefusal, OutputText, ResponseObject,
     ResponsesRequest, ResponseUsage,
 )
 from server.api.serving_chat import ServingChat
+from server.api.streaming import EarlyStream, error_body
 
 
 class ServingResponses:
     def __init__(self, chat: ServingChat):
         self.chat = chat
 
-    async def create(self, req: ResponsesRequest) -> ResponseObject:
+    async def create(self, req: ResponsesRequest, early: EarlyStream | None = None) -> ResponseObject:
+        """`early`: as for chat, with a chat completion id (the response's ids follow it)."""
         try:
             chat_req = req.chat()
         except ValueError as e:
             raise APIError(400, str(e), param="input") from None
-        return response_object(req, await self.chat.create(chat_req))
+        return response_object(req, await self.chat.create(chat_req, early))
+
+
+def ids(chat_id: str) -> tuple[str, str]:
+    """The response's id and its one message's id, from the chat completion underneath."""
+    key = chat_id.removeprefix("chatcmpl-")
+    return "resp_" + key, "msg_" + key
+
+
+def in_progress(req: ResponsesRequest, chat_id: str, created: int, model: str) -> ResponseObject:
+    """The response as the stream first announces it: no output yet."""
+    return ResponseObject(
+        id=ids(chat_id)[0], created_at=created, status="in_progress", model=model, output=[],
+        instructions=req.instructions, max_output_tokens=req.max_output_tokens,
+        temperature=req.temperature, top_p=req.top_p, metadata=req.metadata or {},
+        text={"format": req.text.format.model_dump(by_alias=True, exclude_none=True)}
+        if req.text and req.text.format else {"format": {"type": "text"}})
 
 
 def response_object(req: ResponsesRequest, result: ChatCompletionResponse) -> ResponseObject:
@@ -30,48 +50,88 @@ def response_object(req: ResponsesRequest, result: ChatCompletionResponse) -> Re
     message = choice.message
     part = (OutputText(text=message.content) if message.refusal is None
             else OutputRefusal(refusal=message.refusal))
-    cut = choice.finish_reason == "length"
+    status = "incomplete" if choice.finish_reason == "length" else "completed"
     usage = result.usage
-    return ResponseObject(
-        id="resp_" + result.id.removeprefix("chatcmpl-"), created_at=result.created,
-        status="incomplete" if cut else "completed",
-        incomplete_details={"reason": "max_output_tokens"} if cut else None,
-        model=result.model, output=[OutputMessage(content=[part], status="incomplete" if cut else "completed")],
-        instructions=req.instructions, max_output_tokens=req.max_output_tokens,
-        temperature=req.temperature, top_p=req.top_p, metadata=req.metadata or {},
-        text={"format": req.text.format.model_dump(by_alias=True, exclude_none=True)}
-        if req.text and req.text.format else {"format": {"type": "text"}},
+    return in_progress(req, result.id, result.created, result.model).model_copy(update=dict(
+        status=status,
+        incomplete_details={"reason": "max_output_tokens"} if status == "incomplete" else None,
+        output=[OutputMessage(id=ids(result.id)[1], content=[part], status=status)],
         usage=ResponseUsage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
                             total_tokens=usage.total_tokens),
-        srr=result.srr)
+        srr=result.srr))
 
 
-def stream(resp: ResponseObject) -> Iterator[str]:
-    """The Responses API's event stream for a selected answer: created, the output item with
-    its one content part (text or refusal) as one delta, then completed, which carries the
-    whole response and its `srr` object."""
-    seq = iter(range(1 << 30))
+class Events:
+    """The Responses API's server-sent events, numbered in order."""
 
-    def event(kind: str, **body) -> str:
-        return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': next(seq), **body})}\n\n"
+    def __init__(self):
+        self.seq = itertools.count()
 
-    pending = resp.model_copy(update={"status": "in_progress", "output": [], "usage": None})
+    def __call__(self, kind: str, **body) -> str:
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': next(self.seq), **body})}\n\n"
+
+
+def head(event: Events, pending: ResponseObject, item_id: str, part_type: str) -> Iterator[str]:
+    """created, in progress, the output item and its one content part, still empty."""
     yield event("response.created", response=pending.model_dump())
     yield event("response.in_progress", response=pending.model_dump())
+    yield event("response.output_item.added", output_index=0,
+                item=OutputMessage(id=item_id, status="in_progress", content=[]).model_dump())
+    empty = OutputText(text="") if part_type == "output_text" else OutputRefusal(refusal="")
+    yield event("response.content_part.added", item_id=item_id, output_index=0, content_index=0,
+                part=empty.model_dump())
+
+
+def delta(event: Events, item_id: str, part_type: str, text: str) -> str:
+    where = dict(item_id=item_id, output_index=0, content_index=0)
+    if part_type == "output_text":
+        return event("response.output_text.delta", **where, delta=text, logprobs=[])
+    return event("response.refusal.delta", **where, delta=text)
+
+
+def tail(event: Events, resp: ResponseObject) -> Iterator[str]:
+    """The part, the item and the response done; the last event carries the whole response and
+    its `srr` object."""
     (item,) = resp.output
     (part,) = item.content
-    ids = dict(item_id=item.id, output_index=0)
-    yield event("response.output_item.added", output_index=0,
-                item=item.model_copy(update={"status": "in_progress", "content": []}).model_dump())
-    empty = OutputText(text="") if part.type == "output_text" else OutputRefusal(refusal="")
-    yield event("response.content_part.added", **ids, content_index=0, part=empty.model_dump())
+    where = dict(item_id=item.id, output_index=0, content_index=0)
     if part.type == "output_text":
-        yield event("response.output_text.delta", **ids, content_index=0, delta=part.text, logprobs=[])
-        yield event("response.output_text.done", **ids, content_index=0, text=part.text, logprobs=[])
+        yield event("response.output_text.done", **where, text=part.text, logprobs=[])
     else:
-        yield event("response.refusal.delta", **ids, content_index=0, delta=part.refusal)
-        yield event("response.refusal.done", **ids, content_index=0, refusal=part.refusal)
-    yield event("response.content_part.done", **ids, content_index=0, part=part.model_dump())
+        yield event("response.refusal.done", **where, refusal=part.refusal)
+    yield event("response.content_part.done", **where, part=part.model_dump())
     yield event("response.output_item.done", output_index=0, item=item.model_dump())
     final = "response.completed" if resp.status == "completed" else "response.incomplete"
     yield event(final, response=resp.model_dump())
+
+
+def stream(resp: ResponseObject) -> Iterator[str]:
+    """The event stream of a selected answer: its one content part (text or refusal) as one
+    delta."""
+    event = Events()
+    (item,) = resp.output
+    (part,) = item.content
+    pending = resp.model_copy(update={"status": "in_progress", "output": [], "usage": None})
+    yield from head(event, pending, item.id, part.type)
+    yield delta(event, item.id, part.type, part.text if part.type == "output_text" else part.refusal)
+    yield from tail(event, resp)
+
+
+async def stream_early(req: ResponsesRequest, early: EarlyStream, first: str, work: asyncio.Future,
+                       model: str) -> AsyncIterator[str]:
+    """The winner's text from the guard's commit on, a delta per piece as it is generated; the
+    rest once the request ends."""
+    event = Events()
+    item_id = ids(early.id)[1]
+    for e in head(event, in_progress(req, early.id, early.created, model), item_id, "output_text"):
+        yield e
+    async for text in early.text(first, work):
+        yield delta(event, item_id, "output_text", text)
+    try:
+        resp: ResponseObject = work.result()
+    except Exception as e:  # noqa: BLE001 - the stream has begun: the error is its last event
+        body = error_body(e)
+        yield event("error", code=body["type"], message=body["message"], param=None)
+        return
+    for e in tail(event, resp):
+        yield e
