@@ -121,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--out", type=Path, default=None,
                          help="scorer folder to write (default: weights/<name> of a named model)")
     p_train.add_argument("--epochs", type=int, default=30)
+    p_train.add_argument("--scale", type=float, default=1.0,
+                         help="train on this seeded share of the training prompts (a smaller run)")
+    p_train.add_argument("--seeds", type=int, default=3, choices=[1, 2, 3],
+                         help="training seeds each choice is averaged over")
     p_eval = sub.add_parser("eval", help="evaluate a scorer and the server (see ranker/evaluation/evaluate.py)")
     p_prefixes = sub.add_parser("prefixes", help="fit a scorer's prefix calibration, for pruning "
                                 "(see ranker/training/prefixes.py)")
@@ -215,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is None and named is None:
             raise SystemExit(f"{model_dir.name} is not a named model: pass --out for its scorer")
         out = args.out or WEIGHTS_DIR / named.name
-        report = asyncio.run(train.run(model_dir, out, Settings().cache_dir, epochs=args.epochs))
+        if not 0 < args.scale <= 1:
+            raise SystemExit("--scale must be in (0, 1]")
+        report = asyncio.run(train.run(model_dir, out, Settings().cache_dir, epochs=args.epochs,
+                                       scale=args.scale, seeds=args.seeds))
         print(json.dumps({k: report[k] for k in ("chosen", "val", "test", "xstest")}, indent=2))
         return 0
     if args.command == "model":

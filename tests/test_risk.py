@@ -48,6 +48,16 @@ def test_each_kind_holds_harmful_and_benign_forms(kinds) -> None:
     assert labels["wild"] == labels["adjacent"] == {True, False}
 
 
+def test_a_smaller_run_trains_on_a_share_inside_a_larger_one(kinds) -> None:
+    small, large = dataset.training_requests(0.1), dataset.training_requests(0.3)
+    for kind, ps in kinds.items():
+        texts = {p.text for p in ps}
+        assert {p.text for p in small[kind]} <= {p.text for p in large[kind]} <= texts
+        assert 0.03 * len(ps) <= len(small[kind]) <= 0.2 * len(ps), kind
+    # A request kept plain is kept inside its wrapper too.
+    assert [p.text for p in small["harmful"]] == [p.goal for p in small["wrapped"]]
+
+
 def test_training_requests_hold_no_evaluation_prompt(requests) -> None:
     assert data.remove_overlap(requests, evaluation_prompts()) == requests
 

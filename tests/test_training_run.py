@@ -27,10 +27,10 @@ def toy(tmp_path_factory):
     full_requests, full_records = dataset.training_requests, dataset.training_records
     full_xstest = dataset.xstest_items
     mp.setattr(dataset, "training_requests",
-               lambda: {k: v[:PER_KIND] for k, v in full_requests().items()})
+               lambda scale=1.0: {k: v[:PER_KIND] for k, v in full_requests(scale).items()})
     # Every refusal (their openings start the prefilled refusals) and an eighth of the rest.
     mp.setattr(dataset, "training_records",
-               lambda: [r for i, r in enumerate(full_records()) if r.refusal or i % 8 == 0])
+               lambda scale=1.0: [r for i, r in enumerate(full_records(scale)) if r.refusal or i % 8 == 0])
     mp.setattr(dataset, "xstest_items", lambda: full_xstest()[:40])
     mp.setattr(dataset, "SPLIT", (0.5, 0.3, 0.2))  # some pools of each case in validation
     mp.setattr(train, "SEEDS", (0,))

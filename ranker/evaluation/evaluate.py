@@ -74,7 +74,7 @@ async def run(model_dir: Path, scorer_dir: Path, out: Path, cache_dir: Path, n_a
     goal_of = {p.text: p.goal for ps in held.values() for p in ps if p.goal}
     engine = await start_engine(cache_dir, model_dir)
     try:
-        ds = await dataset(engine)
+        ds = await dataset(engine, scorer.config.training.get("scale", 1.0))  # the scorer's own
         pdir = cache_dir / "eval" / model_dir.name
         sample = lambda ps, k, name, system=None: pools.sample(  # noqa: E731
             engine, ps, k, max_tokens, pdir / f"{name}-{k}x{max_tokens}.npz", max_prompt_tokens=4096,

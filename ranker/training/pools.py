@@ -89,7 +89,8 @@ async def sample(engine, prompts: list[str], k: int, max_tokens: int, cache: Pat
     if todo:
         await tqdm_asyncio.gather(*(one(p) for p in todo), desc=f"pools {cache.stem}")
         save(store, cache)
-    return store
+    # The cache may hold more prompts (a larger run's): only those asked for.
+    return {p: store[p] for p in dict.fromkeys(prompts) if p in store}
 
 
 def refusal_openings(refusals: list[str], words: int = 8) -> list[str]:

@@ -171,14 +171,19 @@ def crossfit_benign(fit, items: list[Item], goal: dict[str, str], benign_pools: 
     return out
 
 
-async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30) -> dict:
+async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30,
+              scale: float = 1.0, seeds: int = len(SEEDS)) -> dict:
     """Train a scorer for the model in model_dir (any Hugging Face causal LM vLLM serves)
-    and write it, with training.json and its card, to out_dir."""
+    and write it, with training.json and its card, to out_dir. `scale` < 1 trains on that
+    share of the training prompts and `seeds` < 3 makes each choice on fewer training seeds:
+    a smaller run, for a model whose pools take too long to sample in full on the machine
+    at hand (the card says so)."""
     t0 = time.time()
     random.seed(SEED)
+    seed_list = SEEDS[:seeds]
     engine = await start_engine(cache_dir, model_dir)
     try:
-        ds = await dataset(engine)
+        ds = await dataset(engine, scale)
     finally:
         engine.shutdown()
     parts, store, records = ds.parts, ds.store, ds.records
@@ -197,7 +202,7 @@ async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30)
         for pooling in POOLINGS:
             ls = {k: make_lists(parts[k], store, [layer], pooling) for k in ("train", *held)}
             fitted, runs = [], []
-            for seed in SEEDS:
+            for seed in seed_list:
                 fitted.append(cached(fits / f"L{layer}-{pooling}-s{seed}", lambda: train(
                     cfg(layer, pooling), ls["train"], epochs=epochs, seed=seed, progress=False)))
                 runs.append({k: by_kind(predict(fitted[-1], ls[k]), ls[k]) for k in held})
@@ -207,7 +212,7 @@ async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30)
             va = res["val"]
             print(f"L{layer:>2} {pooling:4}  val top1 harmful {va['top1_harmful']:.3f} "
                   f"benign {va['top1_benign']:.3f}  mean {va['mean_top1']:.3f} "
-                  f"(sd {va['mean_top1_sd']:.3f} over {len(SEEDS)} seeds)", file=sys.stderr)
+                  f"(sd {va['mean_top1_sd']:.3f} over {len(seed_list)} seeds)", file=sys.stderr)
             if best is None or va["mean_top1"] > best[0]:
                 best = (va["mean_top1"], layer, pooling, fitted)
     _, layer, pooling, listwise_models = best
@@ -239,7 +244,7 @@ async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30)
     candidates = {}
     for variant in VARIANTS:
         candidates[variant] = []
-        for i, seed in enumerate(SEEDS):
+        for i, seed in enumerate(seed_list):
             model = (calibrated(listwise_models[i]) if variant == (0.0, 1)
                      else fit(lists["train"], seed, variant, f"s{seed}"))
             candidates[variant].append((model, pool_decisions(model, val_pools, label, edgy)))
@@ -273,7 +278,8 @@ async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30)
         report[name]["ece"] = expected_calibration_error(probs, labels)
         report[name]["lists"] = len(lists[name])
     report["training"] = {
-        "command": "srr train", "seed": SEED, "seeds": list(SEEDS), "epochs": epochs,
+        "command": "srr train", "seed": SEED, "seeds": list(seed_list), "epochs": epochs,
+        "scale": scale,
         "engine_dtype": engine.dtype,  # the states' precision (ranker.engine.resolve_dtype)
         "data_sha256": {"train": sha_of(train_r), "val": sha_of(val_r), "test": sha_of(test_r)},
         "sources": sorted({r.source.split("/")[0] for r in records}),
