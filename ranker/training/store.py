@@ -71,7 +71,7 @@ def truncate(tokenizer, response: str) -> str:
 
 
 async def encode_pairs(engine, pairs: list[tuple[str, str]], store: FeatureStore,
-                       concurrency: int = 32, save_every: int = 500) -> None:
+                       concurrency: int = 32, save_every: int = 200) -> None:
     """Encode every (prompt, response) pair not yet in the store (keys: `pair_key`).
 
     Prompts are single user turns under the model's chat template, as the server sees them.
