@@ -21,6 +21,14 @@ def test_model_card_is_written_from_the_training_report():
     assert (SHIPPED / "README.md").read_text() == model_card_md(report, CONSTANTS)
 
 
+def test_a_reduced_run_says_so_on_its_card():
+    report = json.loads((SHIPPED / "training.json").read_text())
+    report["training"]["scale"] = 0.08
+    assert "**A reduced run**: trained on a seeded 8% share" in model_card_md(report, CONSTANTS)
+    report["training"]["scale"] = 1.0
+    assert "reduced run" not in model_card_md(report, CONSTANTS)
+
+
 def test_training_report_describes_the_shipped_checkpoint():
     config = SRRScorer.from_pretrained(SHIPPED).config
     chosen = json.loads((SHIPPED / "training.json").read_text())["chosen"]
