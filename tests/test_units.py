@@ -804,3 +804,34 @@ def test_the_prefix_head_learns_the_final_scores_and_leaves_the_scorer_alone(tmp
     again = SRRScorer.from_pretrained(tmp_path)
     assert again.config.prefix_head and np.allclose(judged(again, held, partial=True)[0],
                                                     judged(tuned, held, partial=True)[0], atol=1e-5)
+
+
+def test_an_early_stream_sends_pieces_then_the_end_or_the_error_as_its_last_event():
+    import asyncio
+
+    from server.api.streaming import DONE, EarlyStream
+
+    async def run(outcome):
+        early = EarlyStream("id")
+        loop = asyncio.get_running_loop()
+        work = loop.create_future()
+
+        async def generate():
+            for p in ("b", "c"):
+                await early.pieces.put(p)
+                await asyncio.sleep(0)
+            early.pieces.put_nowait("d")  # sent before the request ends: still streamed
+            work.set_exception(outcome) if isinstance(outcome, Exception) else work.set_result(outcome)
+
+        task = asyncio.ensure_future(generate())
+        events = [e async for e in early.events("a", work, head=["<head>"], piece=str.upper,
+                                                end=lambda r: [f"<end {r}>"])]
+        await task
+        return events
+
+    assert asyncio.run(run("ok")) == ["<head>", "A", "B", "C", "D", "<end ok>"]
+    failure = RuntimeError("boom")
+    failure.message, failure.type = "the engine failed", "server_error"
+    *text, error, done = asyncio.run(run(failure))
+    assert text == ["<head>", "A", "B", "C", "D"] and done == DONE
+    assert json.loads(error.removeprefix("data: "))["error"] == {"message": "the engine failed", "type": "server_error"}

@@ -14,7 +14,7 @@ from server.api.protocol import (
     TokenLogprob, TopLogprob, Usage, chunk,
 )
 from server.api.serving_generate import Selection, ServingGenerate, token_logprobs
-from server.api.streaming import DONE, EarlyStream, error_body, sse
+from server.api.streaming import DONE, EarlyStream, sse
 from server.api.tools import Tools
 
 
@@ -109,18 +109,11 @@ def tail(result: ChatCompletionResponse, include_usage: bool) -> Iterator[str]:
     yield DONE
 
 
-async def stream_early(early: EarlyStream, first: str, work: asyncio.Future, model: str,
-                       include_usage: bool) -> AsyncIterator[str]:
+def stream_early(early: EarlyStream, first: str, work: asyncio.Future, model: str,
+                 include_usage: bool) -> AsyncIterator[str]:
     """The winner's stream from the guard's commit on: its text as it is generated, then the
     finish chunk (and usage) with the `srr` object, once the request ends."""
-    yield sse(chunk(early.id, early.created, model, {"role": "assistant", "content": ""}))
-    async for text in early.text(first, work):
-        yield sse(chunk(early.id, early.created, model, {"content": text}))
-    try:
-        result: ChatCompletionResponse = work.result()
-    except Exception as e:  # noqa: BLE001 - the stream has begun: the error is its last event
-        yield sse({"error": error_body(e)})
-        yield DONE
-        return
-    for event in tail(result, include_usage):
-        yield event
+    return early.events(
+        first, work, head=[sse(chunk(early.id, early.created, model, {"role": "assistant", "content": ""}))],
+        piece=lambda text: sse(chunk(early.id, early.created, model, {"content": text})),
+        end=lambda result: tail(result, include_usage))

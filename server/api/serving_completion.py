@@ -18,7 +18,7 @@ from server.api.protocol import (
     APIError, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage,
 )
 from server.api.serving_generate import Selection, ServingGenerate, token_logprobs
-from server.api.streaming import DONE, EarlyStream, error_body, sse
+from server.api.streaming import DONE, EarlyStream, sse
 
 
 class ServingCompletion(ServingGenerate):
@@ -86,19 +86,14 @@ def tail(result: CompletionResponse) -> dict:
     return {"usage": result.usage.model_dump(), **({"srr": result.srr.model_dump()} if result.srr else {})}
 
 
-async def stream_early(early: EarlyStream, first: str, work: asyncio.Future, model: str) -> AsyncIterator[str]:
+def stream_early(early: EarlyStream, first: str, work: asyncio.Future, model: str) -> AsyncIterator[str]:
     """The winner's text from the guard's commit on, a chunk per piece as it is generated; the
     last chunk carries the finish reason, usage and the `srr` object, once the request ends."""
-    async for text in early.text(first, work):
-        yield sse(piece(early.id, early.created, model,
-                        CompletionChoice(index=0, text=text, finish_reason=None).model_dump()))
-    try:
-        result: CompletionResponse = work.result()
-    except Exception as e:  # noqa: BLE001 - the stream has begun: the error is its last event
-        yield sse({"error": error_body(e)})
+    def end(result: CompletionResponse) -> Iterator[str]:
+        (c,) = result.choices
+        last = CompletionChoice(index=0, text="", finish_reason=c.finish_reason).model_dump()
+        yield sse(piece(early.id, early.created, model, last) | tail(result))
         yield DONE
-        return
-    (c,) = result.choices
-    last = CompletionChoice(index=0, text="", finish_reason=c.finish_reason).model_dump()
-    yield sse(piece(early.id, early.created, model, last) | tail(result))
-    yield DONE
+
+    return early.events(first, work, end=end, piece=lambda text: sse(piece(
+        early.id, early.created, model, CompletionChoice(index=0, text=text, finish_reason=None).model_dump())))

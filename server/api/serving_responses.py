@@ -13,7 +13,7 @@ from server.api.protocol import (
     ResponsesRequest, ResponseUsage,
 )
 from server.api.serving_chat import ServingChat
-from server.api.streaming import EarlyStream, error_body
+from server.api.streaming import EarlyStream
 
 
 class ServingResponses:
@@ -117,21 +117,15 @@ def stream(resp: ResponseObject) -> Iterator[str]:
     yield from tail(event, resp)
 
 
-async def stream_early(req: ResponsesRequest, early: EarlyStream, first: str, work: asyncio.Future,
-                       model: str) -> AsyncIterator[str]:
+def stream_early(req: ResponsesRequest, early: EarlyStream, first: str, work: asyncio.Future,
+                 model: str) -> AsyncIterator[str]:
     """The winner's text from the guard's commit on, a delta per piece as it is generated; the
-    rest once the request ends."""
+    rest once the request ends. A failure is an `error` event (the Responses stream has no
+    [DONE])."""
     event = Events()
     item_id = ids(early.id)[1]
-    for e in head(event, in_progress(req, early.id, early.created, model), item_id, "output_text"):
-        yield e
-    async for text in early.text(first, work):
-        yield delta(event, item_id, "output_text", text)
-    try:
-        resp: ResponseObject = work.result()
-    except Exception as e:  # noqa: BLE001 - the stream has begun: the error is its last event
-        body = error_body(e)
-        yield event("error", code=body["type"], message=body["message"], param=None)
-        return
-    for e in tail(event, resp):
-        yield e
+    return early.events(
+        first, work, head=head(event, in_progress(req, early.id, early.created, model), item_id, "output_text"),
+        piece=lambda text: delta(event, item_id, "output_text", text),
+        end=lambda resp: tail(event, resp),
+        failed=lambda body: [event("error", code=body["type"], message=body["message"], param=None)])

@@ -7,7 +7,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, Iterable
 
 
 @dataclass
@@ -20,8 +20,28 @@ class EarlyStream:
     created: int = field(default_factory=lambda: int(time.time()))
     pieces: asyncio.Queue = field(default_factory=asyncio.Queue)
 
-    async def text(self, first: str, work: asyncio.Future) -> AsyncIterator[str]:
-        """`first`, then each piece as it is generated, until `work` (the request) ends."""
+    async def events(self, first: str, work: asyncio.Future, piece: Callable[[str], str],
+                     end: Callable[[object], Iterable[str]],
+                     failed: Callable[[dict], Iterable[str]] = lambda body: (sse({"error": body}), DONE),
+                     head: Iterable[str] = ()) -> AsyncIterator[str]:
+        """An endpoint's stream from the commit on: `head`, an event per piece of the winner's
+        text (`first`, then each piece as it is generated), and once `work` (the request) ends,
+        `end(its result)`; or `failed(error body)` if it failed after the stream began, when
+        the status is already sent and the error can only be an event."""
+        for e in head:
+            yield e
+        async for text in self._text(first, work):
+            yield piece(text)
+        try:
+            result = work.result()
+        except Exception as e:  # noqa: BLE001 - the stream has begun: the error is its last event
+            for ev in failed(error_body(e)):
+                yield ev
+            return
+        for ev in end(result):
+            yield ev
+
+    async def _text(self, first: str, work: asyncio.Future) -> AsyncIterator[str]:
         yield first
         while True:
             get = asyncio.ensure_future(self.pieces.get())
