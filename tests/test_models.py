@@ -94,8 +94,11 @@ def test_capture_matches_transformers_at_every_sweep_layer(sweep_engine):
             errs = [rel(np.asarray(g, np.float32), r) for g, r in zip(got, ref)]
             assert max(errs) < TOL_F32, (layer, errs)
             worst = max(worst, *errs)
-    # The wrong layer is far off: the tolerance separates right from wrong on this model too.
+    # The next layer is far off: the tolerance separates right from wrong on this model too.
+    # Measured on the prompt's state, which sampling does not change (0.28-0.37 here); a mean
+    # over 16 sampled tokens came as close as 0.07 on one CI run.
     c = gen.candidates[0]
-    off = reference(hf, ids + c.token_ids[:-1], len(ids), eng.layers[0] + 1)[1]
-    assert rel(np.asarray(c.features.mean[0], np.float32), off) > 5 * TOL_F32
+    for li, layer in enumerate(eng.layers):
+        off = reference(hf, ids, len(ids), layer + 1)[0]
+        assert rel(np.asarray(c.features.instruction[li], np.float32), off) > 5 * TOL_F32, layer
     print(f"\nparity {eng.model_dir.name}: layers {eng.layers}, worst relative error {worst:.4f}")

@@ -256,7 +256,7 @@ from ranker import models
 from ranker.engine import Engine
 
 async def main():
-    engine = Engine(models.prepare(), [int(sys.argv[1])], cache_dir=Path(sys.argv[2]),
+    engine = Engine(models.prepare("smollm2-135m-instruct"), [int(sys.argv[1])], cache_dir=Path(sys.argv[2]),
                     max_model_len=4096)
     await engine.start()
     ids = engine.prompt_ids([{"role": "user", "content": "Name a fruit."}])

@@ -2,9 +2,10 @@
 (its chat template renders tools, its calls are hermes-style), with the OpenAI SDK and
 LangChain's `bind_tools`.
 
-No scorer ships for this model yet, so the server reads a scorer that is untrained (random
-weights, the model's width) at threshold 0: what is tested is how tools go through selection
-(rendering, K candidates under the same tools, parsing the served one), not the ranking."""
+The server is what `make serve` starts, the default model with its shipped scorer
+(weights/qwen2.5-coder-0.5b-instruct), here at threshold 0: what is tested is how tools go
+through selection (rendering, K candidates under the same tools, parsing the served one), not
+the ranking; and that the default serves a plain request with its scorer's K scores."""
 
 from __future__ import annotations
 
@@ -25,16 +26,10 @@ ASK = [{"role": "user", "content": "What is the weather in Paris right now? Use 
 
 @pytest.fixture(scope="module")
 def qwen_server(tmp_path_factory):
-    from ranker import models
-    from ranker.scorer import ScorerConfig, SRRScorer
-
-    model_dir = models.prepare("qwen2.5-coder-0.5b-instruct")
-    scorer_dir = tmp_path_factory.mktemp("untrained-scorer")
-    SRRScorer(ScorerConfig(base_model=MODEL, layers=[12], pooling="mean",
-                           hidden_size=models.shape(model_dir).hidden_size)).save_pretrained(scorer_dir)
-    with audited_server(scorer_dir / "audit.jsonl",
-                        ["--model-dir", str(model_dir), "--scorer-dir", str(scorer_dir),
-                         "--threshold", "0", "--max-tokens", "96"]) as srv:
+    """What `make serve` serves: no model or scorer named, so the default and its scorer."""
+    audit = tmp_path_factory.mktemp("qwen") / "audit.jsonl"
+    with audited_server(audit, ["--threshold", "0", "--max-tokens", "96"],
+                        env={"SRR_MODEL_DIR": None, "SRR_SCORER_DIR": None}) as srv:
         yield srv
 
 
@@ -48,6 +43,17 @@ def qwen(qwen_server):
 def candidates(r):
     srr = r.model_dump()["srr"]
     return srr["candidate_texts"], srr["selected"]
+
+
+def test_the_default_serves_its_shipped_scorers_eight_scores(qwen):
+    r = qwen.chat.completions.create(model=MODEL, max_tokens=24, seed=0, messages=[
+        {"role": "user", "content": "How do I reverse a list in Python?"}])
+    srr = r.model_dump()["srr"]
+    assert r.model == MODEL and r.choices[0].message.content
+    assert srr["candidates"] == 8 and len(srr["scores"]) == len(srr["probabilities"]) == 8
+    assert all(0 <= p <= 1 for p in srr["probabilities"])
+    assert srr["scorer"].startswith("srr-qwen2.5-coder-0.5b-instruct")
+    assert 0 <= srr["request_risk"] <= 1  # the risk head of recipe 0.8.0
 
 
 def test_named_tool_choice_constrains_every_candidate(qwen):

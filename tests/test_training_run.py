@@ -17,6 +17,7 @@ import pytest
 from ranker import models, packages
 from ranker.scorer import SRRScorer
 from ranker.training import dataset, train
+from conftest import SUITE_MODEL
 
 PER_KIND = 10
 
@@ -37,7 +38,7 @@ def toy(tmp_path_factory):
     mp.setattr(train, "VARIANTS", ((0.0, 1), (1.0, 1)))
     toy = tmp_path_factory.mktemp("toy")
     # The engine's compile cache is keyed by model and layers: share the machine's, if any.
-    layers = dataset.sweep_layers(models.shape(models.prepare()).layers)
+    layers = dataset.sweep_layers(models.shape(models.prepare(SUITE_MODEL)).layers)
     compiled = f"vllm-capture-L{'-'.join(map(str, layers))}"
     if (packages.cache_root() / compiled).is_dir():
         (toy / "cache").mkdir()
@@ -49,11 +50,11 @@ def toy(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(toy):
     """The report of `srr train` at toy size; the scorer is in toy / "scorer"."""
-    return asyncio.run(train.run(models.prepare(), toy / "scorer", toy / "cache", epochs=2))
+    return asyncio.run(train.run(models.prepare(SUITE_MODEL), toy / "scorer", toy / "cache", epochs=2))
 
 
 def test_train_runs_end_to_end_and_resumes(toy, trained):
-    model_dir = models.prepare()
+    model_dir = models.prepare(SUITE_MODEL)
     cache, out, report = toy / "cache", toy / "scorer", trained
     scorer = SRRScorer.from_pretrained(out)
     cfg = scorer.config
@@ -86,7 +87,7 @@ def calibrated(toy, trained):
     """The report of `srr prefixes` on the trained scorer (its rules then in its config)."""
     from ranker.training import prefixes
 
-    return asyncio.run(prefixes.run(models.prepare(), toy / "scorer", toy / "cache", n=8, max_tokens=40))
+    return asyncio.run(prefixes.run(models.prepare(SUITE_MODEL), toy / "scorer", toy / "cache", n=8, max_tokens=40))
 
 
 def test_prefixes_fits_the_guard_into_the_scorer(toy, calibrated):
@@ -110,7 +111,7 @@ def test_eval_runs_end_to_end_on_the_trained_scorer(toy, trained, calibrated):
     from ranker.evaluation import evaluate
     from ranker.training.render import BENIGN_SETS, HARMFUL_SETS
 
-    report = asyncio.run(evaluate.run(models.prepare(), toy / "scorer", toy / "eval", toy / "cache",
+    report = asyncio.run(evaluate.run(models.prepare(SUITE_MODEL), toy / "scorer", toy / "eval", toy / "cache",
                                       n_advbench=4, n_xstest=4, max_tokens=12, epochs=1, n_rho=4))
     sets = {*HARMFUL_SETS, *BENIGN_SETS}
     assert set(report["trend"]) == set(report["risk"]) == set(report["guard"]) == sets
