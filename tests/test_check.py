@@ -8,15 +8,14 @@ import json
 
 import pytest
 
-from conftest import REPO
+from conftest import SCORER_DIR, SUITE_MODEL
 from test_models import srr
 
 
 def test_serve_picks_the_scorer_shipped_for_a_named_model(model_dir, tmp_path):
-    from server.api.config import WEIGHTS_DIR
     from server.cli import scorer_dir_of
 
-    assert scorer_dir_of(None, model_dir) == WEIGHTS_DIR / "smollm2-135m-instruct"
+    assert scorer_dir_of(None, model_dir) == SCORER_DIR
     assert scorer_dir_of(tmp_path / "mine", model_dir) == tmp_path / "mine"
     with pytest.raises(SystemExit, match="--scorer-dir"):
         scorer_dir_of(None, tmp_path / "some-other-model")
@@ -27,7 +26,7 @@ def test_serve_refuses_a_scorer_of_another_model():
 
     qwen = models.prepare("qwen2.5-coder-0.5b-instruct")
     out = srr("serve", "--model-dir", str(qwen), "--scorer-dir",
-              str(REPO / "weights" / "smollm2-135m-instruct"), timeout=300)
+              str(SCORER_DIR), timeout=300)
     assert out.returncode != 0
     assert "hidden size 576" in out.stderr and "has 896" in out.stderr
 
@@ -47,12 +46,12 @@ def test_check_fails_on_a_scorer_that_does_not_fit(tmp_path):
     import shutil
 
     scorer = tmp_path / "scorer"
-    shutil.copytree(REPO / "weights" / "smollm2-135m-instruct", scorer,
+    shutil.copytree(SCORER_DIR, scorer,
                     ignore=shutil.ignore_patterns("eval"))
     config = json.loads((scorer / "config.json").read_text())
     config["layers"] = [40]
     (scorer / "config.json").write_text(json.dumps(config))
-    out = srr("check", "--model-dir", "smollm2-135m-instruct", "--scorer-dir", str(scorer), timeout=300)
+    out = srr("check", "--model-dir", SUITE_MODEL, "--scorer-dir", str(scorer), timeout=300)
     assert out.returncode == 1
     assert "FAIL  scorer fits the model" in out.stdout and "layer(s) [40]" in out.stdout
 
@@ -63,10 +62,9 @@ def test_check_passes_on_a_model_without_a_scorer(tmp_path):
     from ranker import models
 
     mine = tmp_path / "my-model"  # not a named model's folder: no shipped scorer
-    mine.symlink_to(models.prepare("smollm2-135m-instruct"))
+    mine.symlink_to(models.prepare(SUITE_MODEL))
     out = srr("check", "--model-dir", str(mine), "--k", "3", "--max-tokens", "16")
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     assert "none given: capture checked at the training sweep [4, 7, 11, 15, 18, 22, 26]" in out.stdout
     assert "ok    capture op fires in the compiled graph" in out.stdout
     assert "ok    states match transformers" in out.stdout
-

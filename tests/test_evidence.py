@@ -33,10 +33,11 @@ def test_model_card_is_written_from_the_training_report(shipped):
 
 def test_a_reduced_run_says_so_on_its_card():
     report = json.loads((SHIPPED / "training.json").read_text())
+    known = constants(SHIPPED)
     report["training"]["scale"] = 0.08
-    assert "**A reduced run**: trained on a seeded 8% share" in model_card_md(report, constants(SHIPPED))
+    assert "**A reduced run**: trained on a seeded 8% share" in model_card_md(report, known)
     report["training"]["scale"] = 1.0
-    assert "reduced run" not in model_card_md(report, constants(SHIPPED))
+    assert "reduced run" not in model_card_md(report, known)
 
 
 @each_shipped
