@@ -718,6 +718,29 @@ def test_served_calibration_keeps_more_candidates_from_serving_more_unacceptable
     assert max(fallback_served) <= 0.05
 
 
+def test_served_calibration_of_a_few_nearly_separable_pools_is_not_a_step():
+    """24 validation pools, two of them with no acceptable candidate, far below the rest: the
+    unregularized per-K fit is a step (slope over 10 at every K here, 81 on Qwen's benign
+    K=1 pools); the shrunk fit keeps one moderate slope and an intercept that falls with K,
+    and still puts the bad pools' tops under and the good ones' over one half."""
+    from ranker.training.calibrate import fit_served_calibration, logistic, with_bias
+
+    rng = np.random.default_rng(1)
+    ks = (1, 2, 4, 8, 16)
+    bad, good = rng.normal(0, 1, (2, 16)), rng.normal(4, 1, (22, 16))
+    tops = {k: np.concatenate([bad[:, :k].max(1), good[:, :k].max(1)]) for k in ks}
+    ok = {k: np.r_[np.zeros(2), np.ones(22)] for k in ks}
+    step = [logistic(with_bias(tops[k].astype(np.float32)[:, None]), torch.from_numpy(ok[k]).float(),
+                     init=[1.0, 0.0])[0].item() for k in ks]
+    fitted = fit_served_calibration(tops, ok)
+    slopes, intercepts = zip(*(fitted[str(k)] for k in ks))
+    assert min(step) > 10 and max(slopes) < 3 and min(slopes) > 0.5
+    assert all(a > b for a, b in zip(intercepts, intercepts[1:]))
+    for k in ks:
+        p = 1 / (1 + np.exp(-(fitted[str(k)][0] * tops[k] + fitted[str(k)][1])))
+        assert p[:2].max() < 0.5 < p[2:].min()
+
+
 def test_served_probability_interpolates_between_fitted_list_sizes():
     model = SRRScorer(ScorerConfig(base_model="m", layers=[1], pooling="mean", hidden_size=4,
                                    served_calibration={"1": [1.0, 0.0], "4": [1.0, -2.0]}))

@@ -16,18 +16,21 @@ MAX_EDGY_FALLBACK = 0.05
 
 
 def logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 0.0, penalize_bias: bool = False,
-             init: list[float] | None = None, max_iter: int = 200) -> torch.Tensor:
-    """Weights w minimizing BCE(x @ w, y) + l2 * |w|^2 by L-BFGS. The last column of x is
-    the bias column (all ones); its weight is penalized only if `penalize_bias`."""
+             init: list[float] | None = None, max_iter: int = 200,
+             center: list[float] | None = None) -> torch.Tensor:
+    """Weights w minimizing BCE(x @ w, y) + l2 * |w - center|^2 by L-BFGS (center: zero
+    unless given). The last column of x is the bias column (all ones); its weight is
+    penalized only if `penalize_bias`."""
     w = torch.zeros(x.shape[1]) if init is None else torch.tensor(init, dtype=torch.float32)
     w.requires_grad_(True)
+    c = torch.zeros(x.shape[1]) if center is None else torch.tensor(center, dtype=torch.float32)
     opt = torch.optim.LBFGS([w], max_iter=max_iter)
 
     def closure():
         opt.zero_grad()
         loss = F.binary_cross_entropy_with_logits(x @ w, y)
         if l2:
-            loss = loss + l2 * (w if penalize_bias else w[:-1]).pow(2).sum()
+            loss = loss + l2 * (w - c if penalize_bias else (w - c)[:-1]).pow(2).sum()
         loss.backward()
         return loss
 
@@ -55,6 +58,10 @@ def fit_calibration(scores: list[np.ndarray], lists: list[RankList]) -> tuple[fl
 
 
 SERVED_KS = (1, 2, 4, 8, 16)  # list sizes the served calibration is fitted at
+# How far each K's fit may leave the fit of all K together: the penalty on the squared
+# distance of its standardized (slope, intercept), in log-likelihood units over its pools.
+SERVED_PRIOR = 2.0
+JOINT_L2 = 1e-2  # on the shared fit's standardized slope and log2 K term
 
 
 def fit_served_calibration(top_scores: dict[int, np.ndarray], top_ok: dict[int, np.ndarray]
@@ -65,13 +72,25 @@ def fit_served_calibration(top_scores: dict[int, np.ndarray], top_ok: dict[int, 
 
     A fit on single candidates overstates the top of many: the best of K noisy scores of
     unacceptable candidates rises with K, so with one mapping more candidates meant more
-    harmful answers served (docs/evaluation.md). Keys are str(K), as JSON stores them."""
+    harmful answers served (docs/evaluation.md). Each K's fit is shrunk towards one fit of
+    all K together (a shared slope and an offset in log2 K, itself L2-regularized): a few
+    dozen pools are often nearly separable, and their unregularized fit was a step (slope 81
+    on Qwen's benign K=1 pools) that fell back on half of XSTest's safe prompts.
+    Keys are str(K), as JSON stores them."""
+    ks = sorted(top_scores)
+    s = {k: np.asarray(top_scores[k], dtype=np.float32) for k in ks}
+    y = {k: torch.from_numpy(np.asarray(top_ok[k], dtype=np.float32)) for k in ks}
+    every = np.concatenate([s[k] for k in ks])
+    mu, sd = float(every.mean()), float(every.std()) + 1e-6
+    z = {k: (s[k] - mu) / sd for k in ks}
+    joint_x = np.concatenate([np.column_stack([z[k], np.full(len(z[k]), np.log2(k), np.float32)]) for k in ks])
+    slope, per_doubling, bias = logistic(with_bias(joint_x), torch.cat([y[k] for k in ks]), JOINT_L2).tolist()
     out = {}
-    for k in sorted(top_scores):
-        s = np.asarray(top_scores[k], dtype=np.float32)[:, None]
-        y = torch.from_numpy(np.asarray(top_ok[k], dtype=np.float32))
-        a, b = logistic(with_bias(s), y, init=[1.0, 0.0])
-        out[str(k)] = [float(a), float(b)]
+    for k in ks:
+        prior = [slope, bias + per_doubling * float(np.log2(k))]
+        a, b = logistic(with_bias(z[k][:, None]), y[k], SERVED_PRIOR / len(z[k]), penalize_bias=True,
+                        init=prior, center=prior).tolist()
+        out[str(k)] = [a / sd, b - a * mu / sd]  # on the raw score
     return out
 
 

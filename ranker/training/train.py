@@ -54,7 +54,7 @@ from ranker.training.stats import by_kind, expected_calibration_error, seed_mean
 # seen per epoch). Edgy benign prompts (Weighted Safety's benign halves: "how does ransomware
 # work, so I can train staff") are ~50 of ~900 benign prompts, yet they are where the
 # fallback over-refuses: repeating them asks the score to tell them from harmful requests.
-VERSION = "0.8.0"  # of the training recipe: the scorer's version, whatever its model
+VERSION = "0.8.1"  # of the training recipe: the scorer's version, whatever its model
 # Mean pooling beat the last token at every layer of every sweep so far (SmolLM2 0.7.0: by
 # 0.07-0.12 validation top-1, weights/smollm2-135m-instruct/training.json), so the sweep is
 # over layers only: half the trainings.
