@@ -56,6 +56,18 @@ def test_the_default_serves_its_shipped_scorers_eight_scores(qwen):
     assert 0 <= srr["request_risk"] <= 1  # the risk head of recipe 0.8.0
 
 
+def test_the_default_scorer_guards_while_generating(qwen):
+    """`srr.prune` on the default: its scorer carries prefix rules (`srr prefixes`), so the
+    guard runs instead of the 400 a scorer without them answers; tokens are counted per
+    candidate and usage is what was generated."""
+    r = qwen.chat.completions.create(model=MODEL, max_tokens=48, seed=0, messages=[
+        {"role": "user", "content": "Write a haiku about autumn rain."}], extra_body={"srr": {"prune": True}})
+    srr = r.model_dump()["srr"]
+    assert len(srr["candidate_tokens"]) == len(srr["pruned"]) == 8
+    assert all(0 < n <= 48 for n in srr["candidate_tokens"])
+    assert r.usage.completion_tokens == sum(srr["candidate_tokens"])
+
+
 def test_named_tool_choice_constrains_every_candidate(qwen):
     r = qwen.chat.completions.create(
         model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=48, seed=0,
