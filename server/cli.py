@@ -130,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                                 "(see ranker/training/prefixes.py)")
     p_prefixes.add_argument("--prompts", type=int, default=None, help="validation requests sampled")
     p_prefixes.add_argument("--max-tokens", type=int, default=None)
+    p_prefixes.add_argument("--alpha", type=float, default=None,
+                            help="share of validation lists on which each bound may fail (default 0.01)")
+    p_prefixes.add_argument("--sweep", action="store_true",
+                            help="write nothing: print what each alpha would exit, commit, save and change, "
+                            "replayed with the scorer's prefix head on its cached pools")
     p_check = sub.add_parser("check", help="check capture, parity and the scorer on a model (see server/check.py)")
     p_check.add_argument("--k", type=int, default=4)
     p_check.add_argument("--max-tokens", type=int, default=24)
@@ -190,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = model_dir_of(args.model_dir)
         scorer_dir = scorer_dir_of(args.scorer_dir, model_dir)
         load_scorer(scorer_dir, model_dir)
-        opts = {k: v for k, v in (("n", args.prompts), ("max_tokens", args.max_tokens)) if v is not None}
-        report = asyncio.run(prefixes.run(model_dir, scorer_dir, Settings().cache_dir, **opts))
+        opts = {k: v for k, v in (("n", args.prompts), ("max_tokens", args.max_tokens), ("alpha", args.alpha))
+                if v is not None}
+        report = asyncio.run(prefixes.run(model_dir, scorer_dir, Settings().cache_dir, sweep_only=args.sweep, **opts))
         print(json.dumps(report, indent=2))
         return 0
     if args.command == "check":

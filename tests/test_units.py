@@ -752,21 +752,19 @@ def test_served_probability_interpolates_between_fitted_list_sizes():
     assert model.probability(torch.zeros(32)).tolist() == pytest.approx([p[1, 0].item()] * 32)
 
 
-def test_prefix_rules_hold_their_bounds_on_the_lists_they_are_fitted_on():
-    """Each bound of the guard's rule fails on at most alpha of the lists, and partial states
-    nearer the end (less noise) let it decide more often."""
+def _toy_prefix_lists(n: int = 300):
+    """A toy scorer and n lists of 8 candidates whose prefix means are their whole means plus
+    noise that shrinks as the prefix grows."""
     from ranker.capture import PREFIX_TOKENS
-    from ranker.policy import RULE_THRESHOLDS
     from ranker.scorer import ScorerConfig, SRRScorer
-    from ranker.training.prefixes import fit, movements
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    width, alpha = 12, 0.05
+    width = 12
     scorer = SRRScorer(ScorerConfig("toy", [3], "mean", width, d_model=16, n_heads=2)).eval()
     noise = {8: 1.0, 16: 0.5, 32: 0.2}
     lists = []
-    for _ in range(300):
+    for _ in range(n):
         instr = rng.normal(size=(1, width))
         feats = []
         for _ in range(8):
@@ -774,6 +772,17 @@ def test_prefix_rules_hold_their_bounds_on_the_lists_they_are_fitted_on():
             prefixes = np.stack([mean + noise[t] * rng.normal(size=(1, width)) for t in PREFIX_TOKENS])
             feats.append(Features([3], instr, mean, mean, 64, prefixes))
         lists.append(feats)
+    return scorer, lists
+
+
+def test_prefix_rules_hold_their_bounds_on_the_lists_they_are_fitted_on():
+    """Each bound of the guard's rule fails on at most alpha of the lists, and partial states
+    nearer the end (less noise) let it decide more often."""
+    from ranker.policy import RULE_THRESHOLDS
+    from ranker.training.prefixes import fit, movements
+
+    alpha = 0.05
+    scorer, lists = _toy_prefix_lists()
     moves = movements(scorer, lists)
     rules = fit(moves, alpha)
     decided = {}
@@ -788,6 +797,20 @@ def test_prefix_rules_hold_their_bounds_on_the_lists_they_are_fitted_on():
             decided[t] += ((m["prefix_p"] < exit_below) | (m["prefix_p"] >= commit_above)).mean()
     assert rules["32"].prune_gap < rules["8"].prune_gap
     assert decided[32] > decided[8]
+
+
+def test_the_alpha_sweep_trades_tokens_for_agreement_with_pruning_off():
+    """`srr prefixes --sweep`: a larger alpha stops more (fewer tokens, more exits) and agrees
+    less often with the decision pruning off makes; at the default alpha they seldom differ."""
+    from ranker.training.prefixes import sweep
+
+    scorer, lists = _toy_prefix_lists(150)
+    out = sweep(scorer, lists, [[64] * 8 for _ in lists], alphas=(0.01, 0.10))
+    low, high = out["0.01"], out["0.10"]
+    assert 0 < high["tokens_ratio"] < low["tokens_ratio"] <= 1
+    assert high["exits"] > low["exits"]
+    assert high["same_decision"] <= low["same_decision"]
+    assert low["same_decision"] >= 0.9 and low["lists"] == 150
 
 
 def test_the_prefix_head_learns_the_final_scores_and_leaves_the_scorer_alone(tmp_path):

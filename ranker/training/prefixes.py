@@ -136,13 +136,16 @@ class Guarded:
     decided: str | None
 
 
-def replay(scorer: SRRScorer, rule: Policy, feats: list[Features], lengths: list[int]) -> Guarded:
+def replay(scorer: SRRScorer, rule: Policy, feats: list[Features], lengths: list[int],
+           rules: dict[str, PrefixRule] | None = None) -> Guarded:
     """What the server does with pruning on, replayed on a list whose prefix means were
     captured: the checkpoints, verdicts and final decision of `Engine.generate` and the chat
     handler (ranker.policy.guard, then decide). `lengths`: each candidate's tokens. A stopped
     candidate keeps the states of its last checkpoint and counts the tokens up to it (in the
-    server a few more are generated before the stop takes effect)."""
-    rules = {int(t): PrefixRule(**r) for t, r in scorer.config.prefix_rules.items()}
+    server a few more are generated before the stop takes effect). `rules`: the scorer's own
+    unless given."""
+    rules = ({int(t): r for t, r in rules.items()} if rules is not None else
+             {int(t): PrefixRule(**r) for t, r in scorer.config.prefix_rules.items()})
     k = len(feats)
     stopped: dict[int, int] = {}  # candidate -> the checkpoint (index) it was stopped at
     committed, decided = None, None
@@ -164,10 +167,41 @@ def replay(scorer: SRRScorer, rule: Policy, feats: list[Features], lengths: list
     return Guarded(d.order[0] if d.order else None, tokens, decided)
 
 
-def lists_of(pools: dict[str, list], k: int = LIST_K) -> list[list[Features]]:
-    """Each pool cut into lists of k candidates (a 16-candidate pool gives two)."""
-    return [[c.features for c in pool[i:i + k]] for pool in pools.values()
+def lists_of(pools: dict[str, list], k: int = LIST_K, of=lambda c: c.features) -> list[list]:
+    """Each pool cut into lists of k candidates (a 16-candidate pool gives two), each
+    candidate as `of` gives it (its features unless told)."""
+    return [[of(c) for c in pool[i:i + k]] for pool in pools.values()
             for i in range(0, len(pool) - k + 1, k)]
+
+
+SWEEP = (0.01, 0.02, 0.05, 0.10)
+
+
+def sweep(scorer: SRRScorer, lists: list[list[Features]], lengths: list[list[int]],
+          alphas: tuple[float, ...] = SWEEP) -> dict:
+    """What ALPHA trades, per alpha: the rules fitted on `lists` and replayed on them with the
+    scorer's prefix head. The share of lists the guard exits and commits on, tokens generated
+    with the guard against without, and how often it serves the candidate that pruning off
+    serves and makes the same serve-or-fallback decision. In-sample (the rules are fitted on
+    the lists they are replayed on), so the savings are what a workload like these lists gets
+    at best."""
+    rule = Policy(scorer.config.threshold)
+    moves = movements(scorer, lists)
+    scores, probs = judged(scorer, lists)
+    off = [policy.decide(rule, s.tolist(), p.tolist(), len(s)).order for s, p in zip(scores, probs)]
+    off = [o[0] if o else None for o in off]
+    out = {}
+    for alpha in alphas:
+        rules = fit(moves, alpha)
+        on = [replay(scorer, rule, f, n, rules) for f, n in zip(lists, lengths)]
+        out[f"{alpha:.2f}"] = {
+            "exits": float(np.mean([g.decided == "exit" for g in on])),
+            "commits": float(np.mean([g.decided == "commit" for g in on])),
+            "tokens_ratio": sum(g.tokens for g in on) / sum(map(sum, lengths)),
+            "same_served": float(np.mean([g.served == o for g, o in zip(on, off)])),
+            "same_decision": float(np.mean([(g.served is None) == (o is None) for g, o in zip(on, off)])),
+            "lists": len(lists)}
+    return out
 
 
 def tune(scorer: SRRScorer, pools: dict[str, list], epochs: int = TUNE_EPOCHS, seed: int = 0) -> SRRScorer:
@@ -223,13 +257,16 @@ def requests(n: int = PROMPTS, seed: int = 0) -> list[str]:
 
 
 async def run(model_dir: Path, scorer_dir: Path, cache_dir: Path, n: int = PROMPTS,
-              max_tokens: int = MAX_TOKENS) -> dict:
+              max_tokens: int = MAX_TOKENS, alpha: float = ALPHA, sweep_only: bool = False) -> dict:
     """`srr prefixes`: sample the pools (cached), fit the rules, write them into the scorer's
-    config and the report beside it (prefixes.json)."""
+    config and the report beside it (prefixes.json). `sweep_only`: write nothing, return the
+    `sweep` of ALPHA on the rule-fitting lists with the scorer's prefix head."""
     from ranker.training import pools
     from ranker.training.dataset import start_engine
 
     scorer = SRRScorer.from_pretrained(scorer_dir)
+    if sweep_only and not scorer.config.prefix_head:
+        raise ValueError(f"{scorer_dir} has no prefix head: run `srr prefixes` on it first")
     engine = await start_engine(cache_dir, model_dir)
     try:
         cache = cache_dir / "train" / model_dir.name / f"pool-prefix-{2 * LIST_K}x{max_tokens}.npz"
@@ -238,16 +275,22 @@ async def run(model_dir: Path, scorer_dir: Path, cache_dir: Path, n: int = PROMP
         engine.shutdown()
     train_pools, fit_pools = halves(store)
     lists = lists_of(fit_pools)
+    if sweep_only:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        lengths = lists_of(fit_pools, of=lambda c: len(tok.encode(c.text, add_special_tokens=False)))
+        return sweep(scorer, lists, lengths)
     threshold = scorer.config.threshold
     # Without the head (the scorer reading prefix means as whole responses), for comparison.
     moves = movements(scorer, lists)
-    untuned = report(moves, fit(moves), threshold)
+    untuned = report(moves, fit(moves, alpha), threshold)
     scorer = tune(scorer, train_pools)
     moves = movements(scorer, lists)
-    rules = fit(moves)
+    rules = fit(moves, alpha)
     scorer.config.prefix_rules = {t: asdict(r) for t, r in rules.items()}
     scorer.save_pretrained(scorer_dir)
-    out = {"alpha": ALPHA, "list_k": LIST_K, "max_tokens": max_tokens, "threshold": threshold,
+    out = {"alpha": alpha, "list_k": LIST_K, "max_tokens": max_tokens, "threshold": threshold,
            "pools": {"head": len(train_pools), "rules": len(fit_pools)},
            "by_prefix": report(moves, rules, threshold), "without_head": untuned}
     (scorer_dir / "prefixes.json").write_text(json.dumps(out, indent=2) + "\n")
