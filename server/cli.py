@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                             help="share of validation lists on which each bound may fail (default 0.01)")
     p_prefixes.add_argument("--sweep", action="store_true",
                             help="write nothing: print what each alpha would exit, commit, save and change, "
-                            "replayed with the scorer's prefix head on its cached pools")
+                            "replayed with the scorer's prefix head on the pools `srr prefixes` cached (no engine)")
     p_check = sub.add_parser("check", help="check capture, parity and the scorer on a model (see server/check.py)")
     p_check.add_argument("--k", type=int, default=4)
     p_check.add_argument("--max-tokens", type=int, default=24)

@@ -265,14 +265,20 @@ async def run(model_dir: Path, scorer_dir: Path, cache_dir: Path, n: int = PROMP
     from ranker.training.dataset import start_engine
 
     scorer = SRRScorer.from_pretrained(scorer_dir)
-    if sweep_only and not scorer.config.prefix_head:
-        raise ValueError(f"{scorer_dir} has no prefix head: run `srr prefixes` on it first")
-    engine = await start_engine(cache_dir, model_dir)
-    try:
-        cache = cache_dir / "train" / model_dir.name / f"pool-prefix-{2 * LIST_K}x{max_tokens}.npz"
-        store = await pools.sample(engine, requests(n), 2 * LIST_K, max_tokens, cache)
-    finally:
-        engine.shutdown()
+    cache = cache_dir / "train" / model_dir.name / f"pool-prefix-{2 * LIST_K}x{max_tokens}.npz"
+    if sweep_only:
+        # A report on the pools the head and rules were fitted on: read, never sampled, so
+        # no engine starts.
+        if not (scorer.config.prefix_head and cache.exists()):
+            raise ValueError(f"{scorer_dir} has no prefix head or {cache} is missing: run `srr prefixes` first")
+        cached = pools.load(cache)
+        store = {p: cached[p] for p in dict.fromkeys(requests(n)) if p in cached}
+    else:
+        engine = await start_engine(cache_dir, model_dir)
+        try:
+            store = await pools.sample(engine, requests(n), 2 * LIST_K, max_tokens, cache)
+        finally:
+            engine.shutdown()
     train_pools, fit_pools = halves(store)
     lists = lists_of(fit_pools)
     if sweep_only:
