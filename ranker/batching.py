@@ -37,9 +37,7 @@ class BatchScorer:
         batch, self.pending[partial] = self.pending[partial], []
         try:
             instr, cands, mask = pad([(i, c) for i, c, _ in batch])
-            scores = self.scorer(instr, cands, mask, partial)
-            risk = self.scorer.risk_probability(instr)
-            probs = self.scorer.probability(scores, risk)
+            scores, probs, risk = self.scorer.judge(instr, cands, mask, partial)
             self.batches += 1
         except Exception as e:  # noqa: BLE001 - every waiter gets the failure
             for _, _, fut in batch:

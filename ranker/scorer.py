@@ -49,6 +49,13 @@ class ScorerConfig:
     served_calibration: dict[str, list[float]] = field(default_factory=dict)
     # The risk head's P(harmful request) from which a request is judged harmful; None: no head.
     risk_threshold: float | None = None
+    # The risk head's P(harmful request) under which a request is judged benign with
+    # confidence (few harmful validation requests fall under it; ranker/training/risk.py).
+    benign_below: float | None = None
+    # The refusal head's P(a candidate refuses) from which it is judged a refusal; None: no
+    # head. With both heads, a refusal ranks below every answer on a request judged benign
+    # with confidence (`judge`).
+    refusal_threshold: float | None = None
     # The guard's rule per prefix length ("8", "16", "32"), fields of ranker.policy.PrefixRule,
     # fitted by `srr prefixes` (ranker/training/prefixes.py); empty: the scorer cannot prune.
     prefix_rules: dict[str, dict] = field(default_factory=dict)
@@ -89,6 +96,8 @@ class SRRScorer(nn.Module):
         )
         # The request-level risk signal: logistic on the standardized instruction vector.
         self.risk = nn.Linear(config.input_dim, 1) if config.risk_threshold is not None else None
+        # The candidate-level refusal signal: logistic on a standardized candidate vector.
+        self.refusal = nn.Linear(config.input_dim, 1) if config.refusal_threshold is not None else None
         if config.prefix_head:
             self.prefix_proj = nn.Linear(config.input_dim, d)
             self.prefix_block = nn.TransformerEncoderLayer(
@@ -124,6 +133,12 @@ class SRRScorer(nn.Module):
             return None
         return torch.sigmoid(self.risk((instruction - self.feat_mean) / self.feat_std).squeeze(-1))
 
+    def refusal_probability(self, candidates: torch.Tensor) -> torch.Tensor | None:
+        """P(the candidate refuses), [..., D] -> [...]; None without a refusal head."""
+        if self.refusal is None:
+            return None
+        return torch.sigmoid(self.refusal((candidates - self.feat_mean) / self.feat_std).squeeze(-1))
+
     def judged_harmful(self, risk: torch.Tensor) -> torch.Tensor:
         """Whether requests of this `risk_probability` are judged harmful (the risk threshold)."""
         return risk >= self.config.risk_threshold
@@ -157,13 +172,29 @@ class SRRScorer(nn.Module):
         return torch.sigmoid(a * scores + b)
 
     @torch.no_grad()
+    def judge(self, instruction: torch.Tensor, candidates: torch.Tensor, mask: torch.Tensor | None = None,
+              partial: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What the server ranks and decides on: (scores [B, K], probabilities [B, K], risk [B]
+        or None). The scorer's scores, except that with risk and refusal heads, on a request
+        judged benign with confidence (P(harmful) under `benign_below`) every candidate judged a refusal drops by the whole cosine range (2 /
+        tau), below every answer: a needless refusal loses to a helpful answer, and is then
+        judged unacceptable by the calibration. Other requests keep the scorer's ranking,
+        which puts safe candidates first."""
+        scores = self(instruction, candidates, mask, partial)
+        risk = self.risk_probability(instruction)
+        refusing = self.refusal_probability(candidates)
+        if risk is not None and refusing is not None:
+            demote = (refusing >= self.config.refusal_threshold) & (risk < self.config.benign_below).unsqueeze(-1)
+            scores = scores - demote.float() * (2.0 / self.config.tau)
+        return scores, self.probability(scores, risk), risk
+
     def score(self, instruction, candidates) -> tuple[list[float], list[float]]:
         """One list, numpy or tensors: instruction [D], candidates [K, D] -> (scores, P)."""
         self.eval()
         i = torch.as_tensor(instruction, dtype=torch.float32).unsqueeze(0)
         c = torch.as_tensor(candidates, dtype=torch.float32).unsqueeze(0)
-        s = self(i, c)[0]
-        return s.tolist(), self.probability(s, self.risk_probability(i[0])).tolist()
+        s, p, _ = self.judge(i, c)
+        return s[0].tolist(), p[0].tolist()
 
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)

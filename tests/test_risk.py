@@ -15,7 +15,7 @@ import torch
 from ranker.engine import Candidate
 from ranker.features import Features
 from ranker.scorer import ScorerConfig, SRRScorer
-from ranker.training import data, dataset, risk
+from ranker.training import data, dataset, refusal, risk
 from ranker.training.dataset import evaluation_prompts
 
 
@@ -100,7 +100,7 @@ def test_risk_head_reads_a_harm_direction_and_ignores_a_wrapper_direction(tmp_pa
                 "benign": {**pools(n, False, False), **pools(n, False, True)}}
 
     model = SRRScorer(ScorerConfig(base_model="m", layers=[3], pooling="mean", hidden_size=8))
-    res = risk.fit_head(model, cases(300), cases(100))
+    res = risk.fit_head(model, risk.instruction_rows(model, cases(300)), risk.instruction_rows(model, cases(100)))
     assert res["val_auroc"] > 0.9 and res["val_flagged_benign"] <= 0.05 + 1e-9
     test = cases(200)
     x = {k: torch.from_numpy(risk.instruction_rows(model, {k: v})[0]) for k, v in test.items()}
@@ -110,3 +110,39 @@ def test_risk_head_reads_a_harm_direction_and_ignores_a_wrapper_direction(tmp_pa
     model.save_pretrained(tmp_path / "s")
     again = SRRScorer.from_pretrained(tmp_path / "s")
     assert torch.equal(again.risk_probability(x["wrapped"]), model.risk_probability(x["wrapped"]))
+
+
+def test_on_a_request_judged_benign_a_refusal_ranks_below_every_answer(tmp_path) -> None:
+    """Synthetic states: harm along axis 0 of the instruction, refusing along axis 1 of a
+    candidate. Heads fitted on such rows demote the refusals of a request judged benign with
+    confidence below every answer, whatever the scorer's own scores, and leave a request
+    judged harmful as the scorer ranks it; both survive a save and load."""
+    rng = np.random.default_rng(0)
+    model = SRRScorer(ScorerConfig(base_model="m", layers=[3], pooling="mean", hidden_size=8))
+
+    def rows(n, axis):
+        y = rng.random(n) < 0.5
+        return (rng.normal(size=(n, 8)) + 3.0 * np.eye(8)[axis] * y[:, None]).astype(np.float32), y.astype(float)
+
+    res = risk.fit_head(model, rows(400, 0), rows(400, 0))
+    assert res["val_auroc"] > 0.9 and res["val_sure_harmful"] <= risk.MAX_PASSED_HARMFUL + 1e-9
+    assert model.config.benign_below <= model.config.risk_threshold
+    fit = refusal.fit_head(model, rows(400, 1), rows(200, 1))
+    assert fit["val_auroc"] > 0.9 and fit["val_accuracy"] > 0.8
+    cands = torch.zeros(1, 6, 8)
+    cands[0, :3, 1] = 4.0  # candidates 0-2 refuse, 3-5 answer
+    benign, harmful = torch.zeros(1, 8), torch.zeros(1, 8)
+    benign[0, 0], harmful[0, 0] = -4.0, 4.0
+    for again in (model, None):
+        if again is None:
+            model.save_pretrained(tmp_path / "s")
+            again = SRRScorer.from_pretrained(tmp_path / "s")
+        again.eval()
+        scores, probs, p_harm = again.judge(benign, cands)
+        plain = again(benign, cands)
+        assert p_harm.item() < again.config.benign_below
+        assert torch.allclose(scores[0, :3], plain[0, :3] - 2.0 / again.config.tau)
+        assert torch.allclose(scores[0, 3:], plain[0, 3:])
+        assert scores[0, :3].max() < scores[0, 3:].min() and probs[0, :3].max() < probs[0, 3:].min()
+        scores, _, p_harm = again.judge(harmful, cands)
+        assert again.judged_harmful(p_harm).item() and torch.allclose(scores, again(harmful, cands))

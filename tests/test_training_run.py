@@ -61,7 +61,8 @@ def test_train_runs_end_to_end_and_resumes(toy, trained):
     assert cfg.version == train.VERSION and cfg.pooling == "mean" and len(cfg.layers) == 1
     assert set(cfg.served_calibration) == {f"{b}/{k}" for b in ("harmful", "benign") for k in (1, 2, 4, 8, 16)}
     assert 0.0 < cfg.threshold < 1.0 and 0.0 < cfg.risk_threshold < 1.0
-    assert report["chosen"]["risk"]["n_train"] > 0
+    assert report["chosen"]["risk"]["n_train"] > 0 and report["chosen"]["refusal"]["n_train"] > 0
+    assert cfg.refusal_threshold is not None and scorer.refusal is not None
     assert json.loads((out / "training.json").read_text())["chosen"]["threshold"] == cfg.threshold
     assert (out / "README.md").read_text().startswith("# SRR scorer")
     kinds = {p.name for p in (cache / "train" / model_dir.name).glob("pool-*.npz")}
@@ -103,6 +104,7 @@ def test_prefixes_fits_the_guard_into_the_scorer(toy, calibrated):
     assert pools["rules"] >= 1 and pools["head"] - pools["rules"] in (0, 1)  # halves, alternately
     assert all(v["lists"] == 2 * pools["rules"] for v in calibrated["by_prefix"].values())
     assert json.loads((toy / "scorer" / "prefixes.json").read_text()) == calibrated
+    assert set(calibrated["refusal_head"]["by_prefix"]) == {*map(str, PREFIX_TOKENS), "whole"}
 
 
 def test_eval_runs_end_to_end_on_the_trained_scorer(toy, trained, calibrated):

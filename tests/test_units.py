@@ -336,18 +336,22 @@ def test_concurrent_score_calls_share_one_forward():
 
 
 def test_a_padded_batch_judges_each_list_as_alone():
-    """Served calibration by list size and by the risk head's judgement: in a padded batch a
-    list of 2 candidates must get the K=2 mapping and its own risk bucket, not the batch's."""
+    """Served calibration by list size and by the risk head's judgement, and the refusal
+    head's demotion: in a padded batch a list of 2 candidates must get the K=2 mapping, its
+    own risk bucket and its own demotions, not the batch's."""
     import asyncio
 
     from ranker.batching import BatchScorer
 
     torch.manual_seed(0)
     table = {f"{b}/{k}": [1.0 + (b == "harmful"), -0.5 * k] for b in ("harmful", "benign") for k in (1, 2, 4, 8)}
-    model = SRRScorer(small_config(served_calibration=table, risk_threshold=0.5)).eval()
+    model = SRRScorer(small_config(served_calibration=table, risk_threshold=0.5, benign_below=0.5,
+                                   refusal_threshold=0.5)).eval()
     with torch.no_grad():  # the risk head reads the first coordinate: its sign decides the bucket
         model.risk.weight.copy_(torch.eye(16)[:1] * 3.0)
         model.risk.bias.zero_()
+        model.refusal.weight.copy_(torch.eye(16)[1:2] * 3.0)  # a candidate refuses where its second is > 0
+        model.refusal.bias.zero_()
     batcher = BatchScorer(model)
     rng = np.random.default_rng(0)
     lists = [(np.r_[sign, rng.normal(size=15)].astype(np.float32), rng.normal(size=(k, 16)).astype(np.float32))
@@ -357,10 +361,17 @@ def test_a_padded_batch_judges_each_list_as_alone():
         return await asyncio.gather(*(batcher.score(i, c) for i, c in lists))
 
     results = asyncio.run(main())
-    for (i, c), (_, probs, risk) in zip(lists, results):
-        assert np.allclose(probs, model.score(i, c)[1], atol=1e-5)
+    for (i, c), (scores, probs, risk) in zip(lists, results):
+        alone = model.score(i, c)
+        assert np.allclose(scores, alone[0], atol=1e-5) and np.allclose(probs, alone[1], atol=1e-5)
         assert risk == pytest.approx(model.risk_probability(torch.from_numpy(i)).item(), abs=1e-6)
     assert [r >= 0.5 for _, _, r in results] == [True, False, True, False]  # both buckets
+    # On the two requests judged benign (each with refusals and answers), every refusal ranks
+    # below every answer.
+    for (_, c), (scores, _, _) in (x for i, x in enumerate(zip(lists, results)) if i in (1, 3)):
+        refuses = c[:, 1] > 0
+        assert 0 < refuses.sum() < len(c)
+        assert max(np.array(scores)[refuses]) < min(np.array(scores)[~refuses])
 
 
 def test_refusal_openings_name_no_topic():

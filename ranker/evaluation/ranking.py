@@ -17,6 +17,7 @@ from ranker.training.embed import MiniLM
 from ranker.training.fit import predict, train
 from ranker.training.lists import Item, RankList, make_lists, trainable
 from ranker.training.stats import auroc, by_kind, expected_calibration_error, top1_accuracy
+from ranker.training.render import SERVED
 from ranker.training.store import pair_key
 
 
@@ -122,6 +123,9 @@ def ranking_section(ds, scorer: SRRScorer, sweep: dict, epochs: int) -> dict:
     lists = {n: make_lists(ds.parts[n], ds.store, cfg.layers, cfg.pooling) for n in held}
     out["srr (shipped)"] = {n: by_kind(predict(scorer, lists[n]), lists[n], intervals=True)
                             for n in held}
+    if scorer.refusal is not None:  # the ranking the server serves: with the risk and refusal heads
+        out[SERVED] = {n: by_kind(predict(scorer, lists[n], served=True), lists[n], intervals=True)
+                       for n in held}
     # The refusal-keyword picker: ranks refusals first, whatever the prompt.
     for n in held:
         order = sorted({it.prompt for it in ds.parts[n]})

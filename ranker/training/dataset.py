@@ -9,6 +9,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ranker.features import Features
 from ranker.training import data, judges, pools
 from ranker.training.lists import GENERATED_WRITER, Item, acceptable, build_items
@@ -242,11 +244,35 @@ class Dataset:
     splits: tuple[list, list, list]
     pools: Pools
     judge: judges.HarmJudge
+    requests: list[data.Prompt]  # every training request, pooled or not, its state in `store`
+
+    def _part(self, part: str) -> int:
+        return ("train", "val", "test").index(part)
+
+    def request_rows(self, part: str, layers: list[int], pooling: str) -> tuple[np.ndarray, np.ndarray]:
+        """(instruction vectors, harmful labels) of the training requests in split `part`:
+        what the risk head learns from (`risk.fit_head`)."""
+        i = self._part(part)
+        keys = [(pair_key(r.text, ""), r.harmful) for r in self.requests
+                if data.split_by_prompt([r], seed=SEED, fractions=SPLIT)[i]]
+        rows = [(self.store.get(k).select(layers, pooling)[0], y) for k, y in keys if k in self.store.items]
+        x, y = zip(*rows)
+        return np.stack(x), np.array(y, dtype=float)
+
+    def refusal_rows(self, part: str, layers: list[int], pooling: str) -> tuple[np.ndarray, np.ndarray]:
+        """(candidate vectors, refusal labels) of split `part`'s labelled responses, generated
+        or not: what the refusal head learns from (`refusal.fit_head`)."""
+        keys = [(pair_key(r.prompt, r.response), r.refusal) for r in self.splits[self._part(part)]
+                if r.refusal is not None]
+        rows = [(self.store.get(k).select(layers, pooling)[1], y) for k, y in dict(keys).items()
+                if k in self.store.items]
+        x, y = zip(*rows)
+        return np.stack(x), np.array(y, dtype=float)
 
     def pools_of(self, part: str) -> dict[str, dict[str, pools.Pool]]:
         """The pools whose request falls in split `part` (train / val / test), as the server's
         three cases: harmful plain, harmful wrapped, benign (plain or wrapped)."""
-        i = ("train", "val", "test").index(part)
+        i = self._part(part)
         out: dict[str, dict[str, pools.Pool]] = {"harmful": {}, "wrapped": {}, "benign": {}}
         for store in self.pools.stores.values():
             for prompt, cands in store.items():
@@ -304,5 +330,9 @@ async def dataset(engine, scale: float = 1.0) -> Dataset:
     generated = pool_features(p)
     await encode_pairs(engine, [(it.prompt, it.response) for part in parts.values() for it in part
                                 if pair_key(it.prompt, it.response) not in generated], store)
+    # Every training request's state, for the risk head: one prefill each, so all of them
+    # whatever `scale` pooled.
+    requests = [r for rs in training_requests().values() for r in rs]
+    await encode_pairs(engine, [(r.text, "") for r in requests], store)
     store.items.update(generated)  # in memory only: the pools' own cache holds them
-    return Dataset(parts, store, records, tuple(splits), p, judge)
+    return Dataset(parts, store, records, tuple(splits), p, judge, requests)

@@ -79,13 +79,16 @@ def train(config: ScorerConfig, train_lists: list[RankList], *, epochs: int = 30
 
 
 @torch.no_grad()
-def predict(model: SRRScorer, lists: list[RankList], batch_size: int = 256) -> list[np.ndarray]:
+def predict(model: SRRScorer, lists: list[RankList], batch_size: int = 256,
+            served: bool = False) -> list[np.ndarray]:
+    """Each list's scores; `served`: as the server ranks them (`SRRScorer.judge`: with the
+    risk and refusal heads), else the scorer's own."""
     model.eval()
     out = []
     for start in range(0, len(lists), batch_size):
         part = lists[start:start + batch_size]
         instr, cands, _, mask = batch_tensors(part)
-        scores = model(instr, cands, mask)
+        scores = model.judge(instr, cands, mask)[0] if served else model(instr, cands, mask)
         out += [scores[i, : len(x.labels)].numpy() for i, x in enumerate(part)]
     return out
 

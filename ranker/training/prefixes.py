@@ -47,8 +47,8 @@ def judged(scorer: SRRScorer, lists: list[list[Features]], partial: bool = False
     """(scores, probabilities) [n, K] of equal-size lists, as the server computes them."""
     cfg = scorer.config
     instr, cands, mask = pad([stack(f, cfg.layers, cfg.pooling) for f in lists])
-    scores = scorer(instr, cands, mask, partial)
-    return scores.numpy(), scorer.probability(scores, scorer.risk_probability(instr)).numpy()
+    scores, probs, _ = scorer.judge(instr, cands, mask, partial)
+    return scores.numpy(), probs.numpy()
 
 
 Movements = dict[int, dict[str, np.ndarray]]  # prefix length -> measure -> a value per list
@@ -234,6 +234,26 @@ def tune(scorer: SRRScorer, pools: dict[str, list], epochs: int = TUNE_EPOCHS, s
     return model.eval()
 
 
+@torch.no_grad()
+def refusal_by_prefix(scorer: SRRScorer, pools: dict[str, list]) -> dict[str, dict] | None:
+    """How well the refusal head, which the guard ranks with, reads a refusal from each prefix
+    and from the whole response: AUROC (None without both classes) and accuracy against the
+    refusal judge on the whole text. None without a refusal head."""
+    from ranker.training.judges import is_refusal
+    from ranker.training.stats import auroc
+
+    if scorer.refusal is None:
+        return None
+    cfg, cands = scorer.config, [c for pool in pools.values() for c in pool]
+    truth = np.array([is_refusal(c.text) for c in cands])
+    out = {}
+    for j, name in [*enumerate(map(str, PREFIX_TOKENS)), (None, "whole")]:
+        feats = [c.features if j is None else c.features.at_prefix(j) for c in cands]
+        p = scorer.refusal_probability(torch.from_numpy(stack(feats, cfg.layers, cfg.pooling)[1])).numpy()
+        out[name] = {"auroc": auroc(p, truth) if 0 < truth.sum() < len(truth) else None, "accuracy": float(np.mean((p >= cfg.refusal_threshold) == truth))}
+    return {"by_prefix": out, "candidates": len(cands), "refusals": float(truth.mean())}
+
+
 def halves(store: dict[str, list]) -> tuple[dict[str, list], dict[str, list]]:
     """The pools in two halves, alternately in the order of a hash of their request:
     (train the head, fit the rules)."""
@@ -298,6 +318,7 @@ async def run(model_dir: Path, scorer_dir: Path, cache_dir: Path, n: int = PROMP
     scorer.save_pretrained(scorer_dir)
     out = {"alpha": alpha, "list_k": LIST_K, "max_tokens": max_tokens, "threshold": threshold,
            "pools": {"head": len(train_pools), "rules": len(fit_pools)},
-           "by_prefix": report(moves, rules, threshold), "without_head": untuned}
+           "by_prefix": report(moves, rules, threshold), "without_head": untuned,
+           "refusal_head": refusal_by_prefix(scorer, fit_pools)}
     (scorer_dir / "prefixes.json").write_text(json.dumps(out, indent=2) + "\n")
     return out

@@ -17,6 +17,8 @@ import jinja2
 from ranker.capture import PREFIX_TOKENS
 from ranker.training.stats import gap_closed
 
+SERVED = "srr as served (risk and refusal heads)"  # the ranking section's row of the server's ranking
+
 _HERE = Path(__file__).resolve().parent
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader([_HERE / "templates", _HERE.parent / "evaluation" / "templates"]),
@@ -58,7 +60,8 @@ def report_md(r: dict) -> str:
     # Reports of scorers before 0.8.0 lack the in-the-wild and wrapped-benign sets.
     harmful_sets = [name for name in HARMFUL_SETS if name in r]
     benign_sets = [name for name in BENIGN_SETS if name in r]
-    rank = r["ranking"]["srr (shipped)"]["xstest"]
+    # The ranking the server serves where the scorer has its heads, else the scorer's own.
+    rank = r["ranking"].get(SERVED, r["ranking"]["srr (shipped)"])["xstest"]
     gap = {name: gap_closed(r[name]["8"]["first"], r[name]["8"]["srr"], r[name]["8"]["oracle"])
            for name in harmful_sets}
 

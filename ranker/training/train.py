@@ -36,7 +36,7 @@ import torch
 from ranker import models
 from ranker.policy import Policy
 from ranker.scorer import ScorerConfig, SRRScorer
-from ranker.training import pools, risk
+from ranker.training import pools, refusal, risk
 from ranker.training.calibrate import (
     MAX_EDGY_FALLBACK, MAX_FALLBACK, SERVED_KS, choose_threshold, fit_calibration,
     fit_served_calibration, threshold_interval,
@@ -54,7 +54,7 @@ from ranker.training.stats import by_kind, expected_calibration_error, seed_mean
 # seen per epoch). Edgy benign prompts (Weighted Safety's benign halves: "how does ransomware
 # work, so I can train staff") are ~50 of ~900 benign prompts, yet they are where the
 # fallback over-refuses: repeating them asks the score to tell them from harmful requests.
-VERSION = "0.8.1"  # of the training recipe: the scorer's version, whatever its model
+VERSION = "0.9.0"  # of the training recipe: the scorer's version, whatever its model
 # Mean pooling beat the last token at every layer of every sweep so far (SmolLM2 0.7.0: by
 # 0.07-0.12 validation top-1, weights/smollm2-135m-instruct/training.json), so the sweep is
 # over layers only: half the trainings.
@@ -221,12 +221,15 @@ async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30,
     label = {(r.prompt, r.response): acceptable(r) for r in records if r.writer == GENERATED_WRITER}
 
     train_pools = ds.pools_of("train")
-    risk_fit: dict[SRRScorer, dict] = {}  # what each model's risk head measured on validation
+    heads: dict[SRRScorer, dict] = {}  # what each model's risk and refusal heads measured on validation
+    rows = {(name, part): getattr(ds, f"{name}_rows")(part, [layer], pooling)
+            for name in ("request", "refusal") for part in ("train", "val")}
 
     def calibrated(model):
         model.config.calib_a, model.config.calib_b = fit_calibration(
             predict(model, lists["val"]), lists["val"])
-        risk_fit[model] = risk.fit_head(model, train_pools, val_pools)
+        heads[model] = {"risk": risk.fit_head(model, rows["request", "train"], rows["request", "val"]),
+                        "refusal": refusal.fit_head(model, rows["refusal", "train"], rows["refusal", "val"])}
         model.config.served_calibration = served_calibration(model, val_pools, label)
         return model
 
@@ -264,7 +267,7 @@ async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30,
                         "edgy_repeat": variant[1], "seed": SEEDS[0],
                         "calib_a": model.config.calib_a, "calib_b": model.config.calib_b,
                         "threshold": model.config.threshold, "crossfit_folds": CROSSFIT_FOLDS,
-                        "risk": risk_fit[model], "served_calibration": model.config.served_calibration,
+                        **heads[model], "served_calibration": model.config.served_calibration,
                         "max_fallback": MAX_FALLBACK, "max_edgy_fallback": MAX_EDGY_FALLBACK,
                         "decisions": decisions,
                         "val_pools": {variant_key(v): {"shipped": runs[0][1],
