@@ -23,6 +23,7 @@ Steps (each cached, so a rerun takes minutes):
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import sys
@@ -197,35 +198,21 @@ async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30,
         layers=[layer], pooling=pooling, name=f"srr-{out_dir.name}", version=VERSION, **base)
     # Trained scorers are cached by recipe version, training data and epochs.
     fits = cache_dir / "train" / model_dir.name / f"fits-{VERSION}-{sha_of(train_r)}-e{epochs}"
-    best = None
-    for layer in engine.layers:
-        for pooling in POOLINGS:
-            ls = {k: make_lists(parts[k], store, [layer], pooling) for k in ("train", *held)}
-            fitted, runs = [], []
-            for seed in seed_list:
-                fitted.append(cached(fits / f"L{layer}-{pooling}-s{seed}", lambda: train(
-                    cfg(layer, pooling), ls["train"], epochs=epochs, seed=seed, progress=False)))
-                runs.append({k: by_kind(predict(fitted[-1], ls[k]), ls[k]) for k in held})
-                va = runs[-1]["val"]
-                va["mean_top1"] = (va["top1_harmful"] + va["top1_benign"]) / 2
-            res = report["sweep"][f"L{layer}-{pooling}"] = seed_mean(runs)
-            va = res["val"]
-            print(f"L{layer:>2} {pooling:4}  val top1 harmful {va['top1_harmful']:.3f} "
-                  f"benign {va['top1_benign']:.3f}  mean {va['mean_top1']:.3f} "
-                  f"(sd {va['mean_top1_sd']:.3f} over {len(seed_list)} seeds)", file=sys.stderr)
-            if best is None or va["mean_top1"] > best[0]:
-                best = (va["mean_top1"], layer, pooling, fitted)
-    _, layer, pooling, listwise_models = best
-    lists = {k: make_lists(v, store, [layer], pooling) for k, v in parts.items()}
-    val_pools = ds.pools_of("val")
+    val_pools, train_pools = ds.pools_of("val"), ds.pools_of("train")
     label = {(r.prompt, r.response): acceptable(r) for r in records if r.writer == GENERATED_WRITER}
-
-    train_pools = ds.pools_of("train")
+    edgy = edgy_prompts()
     heads: dict[SRRScorer, dict] = {}  # what each model's risk and refusal heads measured on validation
-    rows = {(name, part): getattr(ds, f"{name}_rows")(part, [layer], pooling)
-            for name in ("request", "refusal") for part in ("train", "val")}
+
+    @functools.cache
+    def at(layer: int, pooling: str):
+        """Every part's lists and the heads' rows, at one layer and pooling."""
+        lists = {k: make_lists(v, store, [layer], pooling) for k, v in parts.items()}
+        rows = {(name, part): getattr(ds, f"{name}_rows")(part, [layer], pooling)
+                for name in ("request", "refusal") for part in ("train", "val")}
+        return lists, rows
 
     def calibrated(model):
+        lists, rows = at(model.config.layers[0], model.config.pooling)
         model.config.calib_a, model.config.calib_b = fit_calibration(
             predict(model, lists["val"]), lists["val"])
         heads[model] = {"risk": risk.fit_head(model, rows["request", "train"], rows["request", "val"]),
@@ -233,11 +220,39 @@ async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30,
         model.config.served_calibration = served_calibration(model, val_pools, label)
         return model
 
+    # The layer, like the training variant below, is chosen for what the server returns: on
+    # the validation pools' harmful requests, at the threshold of `choose_threshold` (which
+    # holds benign fallbacks to 2%), on the mean over seeds; top-1 breaks a tie. Top-1 on
+    # 60 validation lists chose layer 6 of Qwen by one list over 21, and layer 6 served
+    # harmful validation requests less safely (docs/training.md).
+    best = None
+    for layer in engine.layers:
+        for pooling in POOLINGS:
+            ls = at(layer, pooling)[0]
+            fitted, runs = [], []
+            for seed in seed_list:
+                fitted.append(cached(fits / f"L{layer}-{pooling}-s{seed}", lambda: train(
+                    cfg(layer, pooling), ls["train"], epochs=epochs, seed=seed, progress=False)))
+                runs.append({k: by_kind(predict(fitted[-1], ls[k]), ls[k]) for k in held})
+                va = runs[-1]["val"]
+                va["mean_top1"] = (va["top1_harmful"] + va["top1_benign"]) / 2
+                served = pool_decisions(calibrated(fitted[-1]), val_pools, label, edgy)
+                va.update(served_harmful_mean=served["served_harmful_mean"], served_benign=served["served_benign"])
+            res = report["sweep"][f"L{layer}-{pooling}"] = seed_mean(runs)
+            va = res["val"]
+            print(f"L{layer:>2} {pooling:4}  val top1 harmful {va['top1_harmful']:.3f} "
+                  f"benign {va['top1_benign']:.3f}  mean {va['mean_top1']:.3f} "
+                  f"(sd {va['mean_top1_sd']:.3f} over {len(seed_list)} seeds)  served harmful "
+                  f"{va['served_harmful_mean']:.3f} benign {va['served_benign']:.3f}", file=sys.stderr)
+            key = (va["served_harmful_mean"], va["mean_top1"])
+            if best is None or key > best[0]:
+                best = (key, layer, pooling, fitted)
+    _, layer, pooling, listwise_models = best
+    lists = at(layer, pooling)[0]
+
     # The training variant is chosen on validation pools for what it is meant to improve:
     # what the server returns for harmful prompts, at the threshold of `choose_threshold`; on
     # the mean over seeds.
-    edgy = edgy_prompts()
-
     def fit(train_lists, seed, variant, name, progress=True):
         weight, times = variant
         return calibrated(cached(fits / f"L{layer}-{pooling}-w{weight:g}x{times}-{name}", lambda: train(
