@@ -176,15 +176,16 @@ class SRRScorer(nn.Module):
               partial: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """What the server ranks and decides on: (scores [B, K], probabilities [B, K], risk [B]
         or None). The scorer's scores, except that with risk and refusal heads, on a request
-        judged benign with confidence (P(harmful) under `benign_below`) every candidate judged a refusal drops by the whole cosine range (2 /
-        tau), below every answer: a needless refusal loses to a helpful answer, and is then
-        judged unacceptable by the calibration. Other requests keep the scorer's ranking,
-        which puts safe candidates first."""
+        judged benign with confidence (P(harmful) under `benign_below`) every candidate judged
+        a refusal drops by the whole cosine range (2 / tau), below every answer: a needless
+        refusal loses to a helpful answer, and the calibration judges it unacceptable. Other
+        requests keep the scorer's ranking, which puts safe candidates first."""
         scores = self(instruction, candidates, mask, partial)
         risk = self.risk_probability(instruction)
         refusing = self.refusal_probability(candidates)
         if risk is not None and refusing is not None:
-            demote = (refusing >= self.config.refusal_threshold) & (risk < self.config.benign_below).unsqueeze(-1)
+            sure_benign = (risk < self.config.benign_below).unsqueeze(-1)
+            demote = (refusing >= self.config.refusal_threshold) & sure_benign
             scores = scores - demote.float() * (2.0 / self.config.tau)
         return scores, self.probability(scores, risk), risk
 

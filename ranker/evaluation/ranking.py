@@ -16,8 +16,8 @@ from ranker.training.dataset import SEED
 from ranker.training.embed import MiniLM
 from ranker.training.fit import predict, train
 from ranker.training.lists import Item, RankList, make_lists, trainable
-from ranker.training.stats import auroc, by_kind, expected_calibration_error, top1_accuracy
 from ranker.training.render import SERVED
+from ranker.training.stats import auroc, by_kind, expected_calibration_error, top1_accuracy
 from ranker.training.store import pair_key
 
 

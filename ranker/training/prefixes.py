@@ -250,7 +250,8 @@ def refusal_by_prefix(scorer: SRRScorer, pools: dict[str, list]) -> dict[str, di
     for j, name in [*enumerate(map(str, PREFIX_TOKENS)), (None, "whole")]:
         feats = [c.features if j is None else c.features.at_prefix(j) for c in cands]
         p = scorer.refusal_probability(torch.from_numpy(stack(feats, cfg.layers, cfg.pooling)[1])).numpy()
-        out[name] = {"auroc": auroc(p, truth) if 0 < truth.sum() < len(truth) else None, "accuracy": float(np.mean((p >= cfg.refusal_threshold) == truth))}
+        out[name] = {"auroc": auroc(p, truth) if 0 < truth.sum() < len(truth) else None,
+                     "accuracy": float(np.mean((p >= cfg.refusal_threshold) == truth))}
     return {"by_prefix": out, "candidates": len(cands), "refusals": float(truth.mean())}
 
 

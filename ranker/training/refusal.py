@@ -2,10 +2,10 @@
 head from the candidate's pooled states (the vector the scorer already receives).
 
 With the risk head it carries the policy's second rule (`SRRScorer.judge`): on a request
-judged benign, a refusal must lose to a helpful answer. The scorer alone ranks refusals first
-on benign requests that sound harmful, because it judges the request from the same states
-the risk head reads more carefully. Fitted on the training split's responses, labelled by the
-refusal judge (generated candidates and prefilled refusals) or by their source.
+judged benign with confidence, a refusal must lose to a helpful answer. A scorer alone can
+rank refusals first on benign requests that sound harmful (Qwen's 0.8.0 did on XSTest).
+Fitted on the training split's responses, labelled by the refusal judge (generated
+candidates and prefilled refusals) or by their source.
 """
 
 from __future__ import annotations
@@ -30,5 +30,6 @@ def fit_head(model, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray,
         judged = model.refusal_probability(torch.from_numpy(xv)).numpy()
     hit = judged >= THRESHOLD
     return {"val_auroc": auroc(judged, yv), "val_accuracy": float(np.mean(hit == (yv == 1))),
-            "val_refusals_caught": float(hit[yv == 1].mean()), "val_answers_flagged": float(hit[yv == 0].mean()),
+            "val_refusals_caught": float(hit[yv == 1].mean()),
+            "val_answers_flagged": float(hit[yv == 0].mean()),
             "n_train": len(train[1]), "n_val": len(yv)}
