@@ -253,18 +253,22 @@ class Dataset:
         """(instruction vectors, harmful labels) of the training requests in split `part`:
         what the risk head learns from (`risk.fit_head`)."""
         i = self._part(part)
-        keys = [(pair_key(r.text, ""), r.harmful) for r in self.requests
-                if data.split_by_prompt([r], seed=SEED, fractions=SPLIT)[i]]
-        rows = [(self.store.get(k).select(layers, pooling)[0], y) for k, y in keys if k in self.store.items]
-        x, y = zip(*rows)
-        return np.stack(x), np.array(y, dtype=float)
+        labels = {pair_key(r.text, ""): r.harmful for r in self.requests
+                  if data.split_by_prompt([r], seed=SEED, fractions=SPLIT)[i]}
+        return self._rows(labels, layers, pooling, 0)
 
     def refusal_rows(self, part: str, layers: list[int], pooling: str) -> tuple[np.ndarray, np.ndarray]:
         """(candidate vectors, refusal labels) of split `part`'s labelled responses, generated
         or not: what the refusal head learns from (`refusal.fit_head`)."""
-        keys = [(pair_key(r.prompt, r.response), r.refusal) for r in self.splits[self._part(part)]
-                if r.refusal is not None]
-        rows = [(self.store.get(k).select(layers, pooling)[1], y) for k, y in dict(keys).items()
+        labels = {pair_key(r.prompt, r.response): r.refusal for r in self.splits[self._part(part)]
+                  if r.refusal is not None}
+        return self._rows(labels, layers, pooling, 1)
+
+    def _rows(self, labels: dict[str, bool], layers: list[int], pooling: str, which: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors, labels) of the stored keys among `labels`: `which` 0 the instruction
+        vector, 1 the response's (`Features.select`)."""
+        rows = [(self.store.get(k).select(layers, pooling)[which], y) for k, y in labels.items()
                 if k in self.store.items]
         x, y = zip(*rows)
         return np.stack(x), np.array(y, dtype=float)

@@ -263,7 +263,7 @@ async def run(model_dir: Path, out_dir: Path, cache_dir: Path, epochs: int = 30,
     for variant in VARIANTS:
         candidates[variant] = []
         for i, seed in enumerate(seed_list):
-            model = (calibrated(listwise_models[i]) if variant == (0.0, 1)
+            model = (listwise_models[i] if variant == (0.0, 1)  # calibrated in the sweep
                      else fit(lists["train"], seed, variant, f"s{seed}"))
             candidates[variant].append((model, pool_decisions(model, val_pools, label, edgy)))
         mean = seed_mean([d for _, d in candidates[variant]])
