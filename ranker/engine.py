@@ -84,9 +84,11 @@ def configure_environment(layers: list[int], cache_dir: Path) -> None:
     """Must run before the engine starts: the Worker reads these at import and load time."""
     os.environ[capture.LAYERS_ENV] = ",".join(map(str, layers))
     # vLLM's compile cache key ignores our patched layer: a graph cached by an engine without
-    # capture (or with other layers) would load and capture nothing. Keep a cache per layer set.
+    # capture (or with other layers) would load and capture nothing. Keep a cache per layer set,
+    # forced: a root inherited from a parent that started an engine on other layers (an
+    # in-process engine, then `srr serve` as its child) would load that engine's graph.
     tag = "-".join(map(str, layers))
-    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir / f"vllm-capture-L{tag}"))
+    os.environ["VLLM_CACHE_ROOT"] = str(cache_dir / f"vllm-capture-L{tag}")
     # On CUDA, vLLM 0.32 runs Model Runner V2 (vllm/v1/worker/gpu/) whenever Triton is there;
     # capture hooks the V1 runner (gpu_model_runner.GPUModelRunner, and the CPU runner built on
     # it), whose batch layout it reads. Without this every GPU request would end in a capture

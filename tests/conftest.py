@@ -88,8 +88,10 @@ class ServerProcess:
     def __init__(self, extra_env: dict | None = None, args: list[str] | None = None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.log = open(REPO / ".pytest_cache" / f"server-{self.port}.log", "w") \
-            if (REPO / ".pytest_cache").is_dir() else subprocess.DEVNULL
+        # Kept after the run: a server that fails to start says why in its log's tail.
+        (REPO / ".pytest_cache").mkdir(exist_ok=True)
+        self.log_path = REPO / ".pytest_cache" / f"server-{self.port}.log"
+        self.log = open(self.log_path, "w")
         env = {k: v for k, v in {**os.environ, **(extra_env or {})}.items() if v is not None}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), *(args or [])],
@@ -100,14 +102,16 @@ class ServerProcess:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode} during start-up")
+                tail = self.log_path.read_text(errors="replace")[-4000:]
+                raise RuntimeError(f"server exited with {self.proc.returncode} during start-up;"
+                                   f" the end of {self.log_path}:\n{tail}")
             try:
                 if httpx.get(self.base + "/health", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        raise TimeoutError("server did not become healthy")
+        raise TimeoutError(f"server did not become healthy; see {self.log_path}")
 
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:

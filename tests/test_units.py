@@ -654,6 +654,18 @@ def test_engine_selects_vllms_v1_model_runner(monkeypatch, tmp_path):
     assert envs.VLLM_USE_V2_MODEL_RUNNER is False
 
 
+def test_each_layer_set_compiles_into_its_own_cache_even_when_one_is_inherited(monkeypatch, tmp_path):
+    """A root inherited from a parent whose engine captured [22] (the test process, then its
+    `srr serve` children) must not hold the graph of a child capturing [21]."""
+    import os
+
+    from ranker.engine import configure_environment
+
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "vllm-capture-L22"))
+    configure_environment([21], tmp_path)
+    assert os.environ["VLLM_CACHE_ROOT"] == str(tmp_path / "vllm-capture-L21")
+
+
 def test_capture_pools_only_the_real_rows_of_a_padded_batch():
     """Under CUDA graphs a step's batch is padded past its real tokens: the padded rows (here
     huge values, and position 0) must never reach any request's pooled states."""
