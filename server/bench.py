@@ -13,6 +13,11 @@ alternating, up to `--tokens` each without `ignore_eos`, sequential, against pla
 `n=K` and SRR with `srr.prune` off and on (one SRR server). Printed: tokens generated, p50
 latency, the streaming time to first token on benign requests, and the time to the fallback
 on harmful requests that end in it.
+
+`--workload decision` measures what SRR adds once the candidates exist, without an engine:
+per request, the captured states stacked, scored with every head (`BatchScorer`, as served)
+and decided (`policy.decide`), and a guard look (the prefix head on partial states), for
+each shipped scorer at K = 1..16, on states drawn around the scorer's training statistics.
 """
 
 from __future__ import annotations
@@ -240,7 +245,75 @@ def mixed(args, model_dir: Path, model: str, plain_cmd: list[str], common: dict)
     return res
 
 
+def decision(args) -> dict:
+    import numpy as np
+
+    from ranker import policy
+    from ranker.batching import BatchScorer
+    from ranker.features import Features, stack
+    from ranker.scorer import SRRScorer
+    from server.api.config import WEIGHTS_DIR
+
+    rng = np.random.default_rng(args.seed or 0)
+    folders = [Path(args.scorer_dir)] if args.scorer_dir else \
+        sorted(p.parent for p in WEIGHTS_DIR.glob("*/config.json"))
+    res = {}
+    for folder in folders:
+        scorer = SRRScorer.from_pretrained(folder)
+        cfg, batch = scorer.config, BatchScorer(scorer)
+        rule = policy.Policy(threshold=cfg.threshold)
+        prefix_rule = policy.PrefixRule(**next(iter(cfg.prefix_rules.values()))) if cfg.prefix_rules else None
+        mean, std = scorer.feat_mean.numpy(), scorer.feat_std.numpy()
+        shape = (len(cfg.layers), cfg.hidden_size)
+        draw = lambda: (mean + std * rng.standard_normal(mean.shape)).astype(np.float32).reshape(shape)  # noqa: E731
+
+        async def one(feats, partial: bool) -> float:
+            t0 = time.perf_counter()
+            scores, probs, _ = await batch.score(*stack(feats, cfg.layers, cfg.pooling), partial)
+            if partial:  # the guard's rule at the first checkpoint, every candidate running
+                policy.guard(prefix_rule, rule, scores, probs, range(len(feats)))
+            else:
+                policy.decide(rule, scores, probs, len(feats))
+            return time.perf_counter() - t0
+
+        async def series(k: int, partial: bool) -> list[float]:
+            instruction = draw()
+            feats = [Features(cfg.layers, instruction, m, m, 64) for m in (draw() for _ in range(k))]
+            for _ in range(20):  # warm-up
+                await one(feats, partial)
+            return [await one(feats, partial) for _ in range(args.requests)]
+
+        rows = {}
+        for k in (1, 2, 4, 8, 16):
+            looks = (("decide", False), ("guard look", True)) if prefix_rule else (("decide", False),)
+            for name, partial in looks:
+                t = sorted(asyncio.run(series(k, partial)))
+                rows[f"{name}/{k}"] = {"p50_ms": 1e3 * t[len(t) // 2],
+                                       "p99_ms": 1e3 * t[min(len(t) - 1, int(0.99 * len(t)))]}
+        res[f"{cfg.name}@{cfg.version}"] = rows
+    return res
+
+
+def report_decision(res: dict, config: dict, out: str) -> int:
+    print(f"decision cost per request (ms), {config['requests']} requests each, "
+          f"torch threads {config['torch_threads']}")
+    for scorer, rows in res.items():
+        print(f"{scorer}\n{'':16}" + "".join(f"{'K=' + str(k):>14}" for k in (1, 2, 4, 8, 16)))
+        for name in ("decide", "guard look"):
+            if f"{name}/1" in rows:
+                print(f"{name + ' p50/p99':16}" + "".join(
+                    f"{rows[f'{name}/{k}']['p50_ms']:7.2f}/{rows[f'{name}/{k}']['p99_ms']:<6.2f}"
+                    for k in (1, 2, 4, 8, 16)))
+    return write({"decision": res, "config": config}, out)
+
+
 def main(args) -> int:
+    if args.workload == "decision":
+        import torch
+
+        config = {"requests": args.requests, "seed": args.seed, "cpus": os.cpu_count(),
+                  "torch_threads": torch.get_num_threads(), "workload": "decision"}
+        return report_decision(decision(args), config, args.out)
     from vllm.platforms import current_platform
 
     from ranker import models

@@ -161,9 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--port", type=int, default=8100)
     p_bench.add_argument("--model-dir", default=None)
     p_bench.add_argument("--out", default="reports/bench.json")
-    p_bench.add_argument("--workload", choices=["fixed", "mixed"], default="fixed",
+    p_bench.add_argument("--workload", choices=["fixed", "mixed", "decision"], default="fixed",
                          help="fixed: K candidates of --tokens each; mixed: benign and harmful "
-                         "requests up to --tokens, plain vLLM against SRR with pruning off and on")
+                         "requests up to --tokens, plain vLLM against SRR with pruning off and on; "
+                         "decision: scoring and deciding alone, per shipped scorer and K (no engine)")
+    p_bench.add_argument("--scorer-dir", default=None,
+                         help="decision workload: this scorer only (default: every shipped one)")
     args = parser.parse_args(argv)
 
     if args.command == "serve":

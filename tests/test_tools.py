@@ -53,7 +53,7 @@ def test_the_default_serves_its_shipped_scorers_eight_scores(qwen):
     assert srr["candidates"] == 8 and len(srr["scores"]) == len(srr["probabilities"]) == 8
     assert all(0 <= p <= 1 for p in srr["probabilities"])
     assert srr["scorer"].startswith("srr-qwen2.5-coder-0.5b-instruct")
-    assert 0 <= srr["request_risk"] <= 1  # the risk head of recipe 0.8.0
+    assert 0 <= srr["request_risk"] <= 1  # the risk head (recipes 0.8.0 on)
 
 
 def test_the_default_scorer_guards_while_generating(qwen):

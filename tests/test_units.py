@@ -904,3 +904,18 @@ def test_an_early_stream_sends_pieces_then_the_end_or_the_error_as_its_last_even
     *text, error, done = asyncio.run(run(failure))
     assert text == ["<head>", "A", "B", "C", "D"] and done == DONE
     assert json.loads(error.removeprefix("data: "))["error"] == {"message": "the engine failed", "type": "server_error"}
+
+
+def test_decision_bench_times_every_shipped_scorer_at_every_k(tmp_path):
+    """`srr bench --workload decision` runs without an engine and reports each K."""
+    from test_models import srr
+
+    out = srr("bench", "--workload", "decision", "--requests", "3", "--out", str(tmp_path / "d.json"),
+              timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "d.json").read_text())["decision"]
+    assert {name.split("@")[0] for name in res} == {"srr-qwen2.5-coder-0.5b-instruct", "srr-smollm2-135m"}
+    for rows in res.values():
+        assert all(0 < rows[f"decide/{k}"]["p50_ms"] <= rows[f"decide/{k}"]["p99_ms"] for k in (1, 2, 4, 8, 16))
+    qwen = next(rows for name, rows in res.items() if name.startswith("srr-qwen"))
+    assert "guard look/8" in qwen  # the default's scorer has prefix rules
