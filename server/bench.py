@@ -298,10 +298,10 @@ def report_decision(res: dict, config: dict, out: str) -> int:
     print(f"decision cost per request (ms), {config['requests']} requests each, "
           f"torch threads {config['torch_threads']}")
     for scorer, rows in res.items():
-        print(f"{scorer}\n{'':16}" + "".join(f"{'K=' + str(k):>14}" for k in (1, 2, 4, 8, 16)))
+        print(f"{scorer}\n{'':20}" + "".join(f"{'K=' + str(k):>14}" for k in (1, 2, 4, 8, 16)))
         for name in ("decide", "guard look"):
             if f"{name}/1" in rows:
-                print(f"{name + ' p50/p99':16}" + "".join(
+                print(f"{name + ' p50/p99':20}" + "".join(
                     f"{rows[f'{name}/{k}']['p50_ms']:7.2f}/{rows[f'{name}/{k}']['p99_ms']:<6.2f}"
                     for k in (1, 2, 4, 8, 16)))
     return write({"decision": res, "config": config}, out)
