@@ -245,6 +245,9 @@ def mixed(args, model_dir: Path, model: str, plain_cmd: list[str], common: dict)
     return res
 
 
+DECISION_KS = (1, 2, 4, 8, 16)
+
+
 def decision(args) -> dict:
     import numpy as np
 
@@ -261,7 +264,7 @@ def decision(args) -> dict:
     for folder in folders:
         scorer = SRRScorer.from_pretrained(folder)
         cfg, batch = scorer.config, BatchScorer(scorer)
-        rule = policy.Policy(threshold=cfg.threshold)
+        served = policy.Policy(threshold=cfg.threshold)
         prefix_rule = policy.PrefixRule(**next(iter(cfg.prefix_rules.values()))) if cfg.prefix_rules else None
         mean, std = scorer.feat_mean.numpy(), scorer.feat_std.numpy()
         shape = (len(cfg.layers), cfg.hidden_size)
@@ -271,9 +274,9 @@ def decision(args) -> dict:
             t0 = time.perf_counter()
             scores, probs, _ = await batch.score(*stack(feats, cfg.layers, cfg.pooling), partial)
             if partial:  # the guard's rule at the first checkpoint, every candidate running
-                policy.guard(prefix_rule, rule, scores, probs, range(len(feats)))
+                policy.guard(prefix_rule, served, scores, probs, range(len(feats)))
             else:
-                policy.decide(rule, scores, probs, len(feats))
+                policy.decide(served, scores, probs, len(feats))
             return time.perf_counter() - t0
 
         async def series(k: int, partial: bool) -> list[float]:
@@ -284,8 +287,8 @@ def decision(args) -> dict:
             return [await one(feats, partial) for _ in range(args.requests)]
 
         rows = {}
-        for k in (1, 2, 4, 8, 16):
-            looks = (("decide", False), ("guard look", True)) if prefix_rule else (("decide", False),)
+        looks = (("decide", False), ("guard look", True)) if prefix_rule else (("decide", False),)
+        for k in DECISION_KS:
             for name, partial in looks:
                 t = sorted(asyncio.run(series(k, partial)))
                 rows[f"{name}/{k}"] = {"p50_ms": 1e3 * t[len(t) // 2],
@@ -298,12 +301,12 @@ def report_decision(res: dict, config: dict, out: str) -> int:
     print(f"decision cost per request (ms), {config['requests']} requests each, "
           f"torch threads {config['torch_threads']}")
     for scorer, rows in res.items():
-        print(f"{scorer}\n{'':20}" + "".join(f"{'K=' + str(k):>14}" for k in (1, 2, 4, 8, 16)))
+        print(f"{scorer}\n{'':20}" + "".join(f"{'K=' + str(k):>14}" for k in DECISION_KS))
         for name in ("decide", "guard look"):
             if f"{name}/1" in rows:
                 print(f"{name + ' p50/p99':20}" + "".join(
                     f"{rows[f'{name}/{k}']['p50_ms']:7.2f}/{rows[f'{name}/{k}']['p99_ms']:<6.2f}"
-                    for k in (1, 2, 4, 8, 16)))
+                    for k in DECISION_KS))
     return write({"decision": res, "config": config}, out)
 
 
