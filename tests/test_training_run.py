@@ -123,3 +123,20 @@ def test_eval_runs_end_to_end_on_the_trained_scorer(toy, trained, calibrated):
     md = (toy / "eval" / "report.md").read_text()
     assert "## Targets, K=8" in md and "## The request-level risk signal" in md
     assert "AdvBench in held-out in-the-wild prompts" in md and "## Pruning while generating" in md
+
+
+def test_eval_lengths_replays_the_decision_at_each_response_length(toy, trained):
+    """`srr eval --lengths`: every set's pools at each length, the K=8 decision on the same
+    prompts at each, and the paired difference."""
+    from ranker.evaluation import lengths
+    from ranker.training.render import BENIGN_SETS, HARMFUL_SETS, lengths_md
+
+    report = asyncio.run(lengths.run(models.prepare(SUITE_MODEL), toy / "scorer", toy / "lengths", toy / "cache",
+                                     n_advbench=2, n_xstest=2, n_rho=2, lengths=[8, 24]))
+    assert set(report["sets"]) == {*HARMFUL_SETS, *BENIGN_SETS}
+    for s in report["sets"].values():
+        short, long = s["by_length"]["8"], s["by_length"]["24"]
+        assert short["n"] == long["n"] >= 1
+        assert 0 < short["tokens"] <= 8 and 0 < long["tokens"] <= 24
+        assert s["difference"] == pytest.approx(long["served"] - short["served"])
+    assert (toy / "lengths" / "lengths.md").read_text() == lengths_md(report)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from ranker.capture import parse_layers, split_request_id
 from ranker.engine import Candidate
 from ranker.features import Features
+from ranker.models import MODELS
 from ranker.scorer import ScorerConfig, SRRScorer
 from ranker.training.fit import listwise_loss
 from ranker.training.lists import RankList
@@ -916,7 +918,9 @@ def test_decision_bench_times_every_shipped_scorer_at_every_k(tmp_path):
               timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads((tmp_path / "d.json").read_text())["decision"]
-    assert {name.split("@")[0] for name in res} == {"srr-qwen2.5-coder-0.5b-instruct", "srr-smollm2-135m"}
+    weights = Path(__file__).resolve().parent.parent / "weights"
+    configs = [SRRScorer.from_pretrained(weights / name).config for name in MODELS]
+    assert set(res) == {f"{c.name}@{c.version}" for c in configs}
     for rows in res.values():
         assert all(0 < rows[f"decide/{k}"]["p50_ms"] <= rows[f"decide/{k}"]["p99_ms"] for k in DECISION_KS)
     qwen = next(rows for name, rows in res.items() if name.startswith("srr-qwen"))

