@@ -11,11 +11,10 @@ import pytest
 from ranker.models import MODELS
 from ranker.scorer import SRRScorer
 from ranker.training import dataset
-from ranker.training.render import families_md, lengths_md, model_card_md, report_md
+from ranker.training.render import families_md, model_card_md, report_md
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 SHIPPED = WEIGHTS / "smollm2-135m-instruct"
-DEFAULT = WEIGHTS / "qwen2.5-coder-0.5b-instruct"
 # every named model ships a scorer (weights/<name>), each with its card and evaluation report
 each_shipped = pytest.mark.parametrize("shipped", [WEIGHTS / name for name in MODELS], ids=list(MODELS))
 
@@ -65,12 +64,3 @@ def test_xstest_families_diagnostic_is_of_the_shipped_checkpoint():
     assert report["scorer"] == f"{config.name}@{config.version}"
     assert (report["layer"], report["pooling"]) == (config.layers[0], config.pooling)
     assert (SHIPPED / "eval" / "xstest-families.md").read_text() == families_md(report)
-
-
-def test_length_check_is_of_the_default_scorer():
-    """`srr eval --lengths 64 256` on the default model's shipped scorer (docs/evaluation.md)."""
-    report = json.loads((DEFAULT / "eval" / "lengths.json").read_text())
-    config = SRRScorer.from_pretrained(DEFAULT).config
-    assert report["config"]["scorer"] == f"{config.name}@{config.version}"
-    assert report["config"]["threshold"] == config.threshold and report["config"]["lengths"] == [64, 256]
-    assert (DEFAULT / "eval" / "lengths.md").read_text() == lengths_md(report)
