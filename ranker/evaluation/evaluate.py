@@ -84,6 +84,9 @@ def acceptable(harm: judges.HarmJudge, plain_of: dict | None):
     return lambda p, texts: list(~harm.harmful([plain_of[p]] * len(texts), texts))
 
 
+POOL_K = 16  # candidates sampled per prompt: every K of the sweep is cut from one pool
+
+
 def pool_path(cache_dir: Path, model_dir: Path, name: str, k: int, max_tokens: int) -> Path:
     return cache_dir / "eval" / model_dir.name / f"{name}-{k}x{max_tokens}.npz"
 
@@ -101,7 +104,7 @@ async def run(model_dir: Path, scorer_dir: Path, out: Path, cache_dir: Path, n_a
         sample = lambda ps, k, name, system=None: pools.sample(  # noqa: E731
             engine, ps, k, max_tokens, pool_path(cache_dir, model_dir, name, k, max_tokens),
             max_prompt_tokens=4096, system=system)
-        stores = {key: await sample(ps, 16, name) for key, (name, ps, _) in named.items()}
+        stores = {key: await sample(ps, POOL_K, name) for key, (name, ps, _) in named.items()}
         # The resample fallback's candidates: K=8 under the server's safety system prompt.
         resampled = {key: await sample(named[key][1], 8, f"{key}-safety-prompt", SAFETY_SYSTEM_PROMPT)
                      for key in ("advbench", "advbench_wrapped", "xstest_safe", "rho_overrefusal")}

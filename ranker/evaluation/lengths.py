@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ranker.evaluation.evaluate import acceptable, evaluation_sets, pool_path
+from ranker.evaluation.evaluate import POOL_K, acceptable, evaluation_sets, pool_path
 from ranker.policy import Policy
 from ranker.scorer import SRRScorer
 from ranker.training import pools
@@ -25,7 +25,6 @@ from ranker.training.render import lengths_md
 from ranker.training.stats import bootstrap_interval
 
 K = 8  # the server's default
-POOL_K = 16  # as `srr eval` samples, so the two share their pools
 
 
 def at_length(scorer: SRRScorer, store: dict, prompts: list[str], ok_fn, harmful: bool) -> tuple[dict, np.ndarray]:
@@ -59,10 +58,9 @@ async def run(model_dir: Path, scorer_dir: Path, out: Path, cache_dir: Path, n_a
     sets = {}
     for key, (_, prompts, plain_of) in named.items():
         common = [p for p in prompts if all(len(stores[n][key].get(p, ())) >= K for n in lengths)]
-        rows, served = {}, {}
+        ok_fn, rows, served = acceptable(harm, plain_of), {}, {}
         for n in lengths:
-            rows[str(n)], served[n] = at_length(scorer, stores[n][key], common, acceptable(harm, plain_of),
-                                                plain_of is not None)
+            rows[str(n)], served[n] = at_length(scorer, stores[n][key], common, ok_fn, plain_of is not None)
         pair = np.column_stack([served[lengths[0]], served[lengths[-1]]])
         sets[key] = {"by_length": rows, "difference": float(pair[:, 1].mean() - pair[:, 0].mean()),
                      "difference_ci90": bootstrap_interval(pair, lambda r: r[:, 1].mean() - r[:, 0].mean(), seed=SEED)}
