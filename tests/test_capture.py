@@ -241,6 +241,7 @@ def test_sampled_pool_equals_its_reload(engine, tmp_path):
     assert [c.text for c in fresh[prompt]] == [c.text for c in again[prompt]]
     for a, b in zip(fresh[prompt], again[prompt]):
         assert a.features.layers == b.features.layers == engine.layers
+        assert a.features.response_rows == b.features.response_rows > 0
         for name in ("instruction", "mean", "last", "prefixes"):
             x, y = getattr(a.features, name), getattr(b.features, name)
             assert x.dtype == y.dtype == np.float16 and np.array_equal(x, y)

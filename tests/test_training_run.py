@@ -127,7 +127,7 @@ def test_eval_runs_end_to_end_on_the_trained_scorer(toy, trained, calibrated):
 
 def test_eval_lengths_replays_the_decision_at_each_response_length(toy, trained):
     """`srr eval --lengths`: every set's pools at each length, the K=8 decision on the same
-    prompts at each, and the paired difference."""
+    prompts at each, and the paired difference; the same again from the cached pools."""
     from ranker.evaluation import lengths
     from ranker.training.render import BENIGN_SETS, HARMFUL_SETS, lengths_md
 
@@ -140,3 +140,7 @@ def test_eval_lengths_replays_the_decision_at_each_response_length(toy, trained)
         assert 0 < short["tokens"] <= 8 and 0 < long["tokens"] <= 24
         assert s["difference"] == pytest.approx(long["served"] - short["served"])
     assert (toy / "lengths" / "lengths.md").read_text() == lengths_md(report)
+    # A rerun reads every pool from the cache and reports the same (token counts included).
+    again = asyncio.run(lengths.run(models.prepare(SUITE_MODEL), toy / "scorer", toy / "lengths", toy / "cache",
+                                    n_advbench=2, n_xstest=2, n_rho=2, lengths=[8, 24]))
+    assert again["sets"] == report["sets"]

@@ -31,9 +31,11 @@ def load(cache: Path) -> dict[str, Pool]:
             meta = json.loads(str(z["meta"]))
             instr, mean, last, layers = z["instr"], z["mean"], z["last"], z["layers"].tolist()
             prefixes = z["prefixes"] if "prefixes" in z else None  # pools sampled since 0.9.0
+            rows = z["rows"] if "rows" in z else np.zeros(instr.shape[:2], dtype=int)  # older files: none
         for i, (p, texts) in enumerate(meta.items()):
             store[p] = [Candidate(j, t, [], None, Features(
-                layers, instr[i, j], mean[i, j], last[i, j], 0, None if prefixes is None else prefixes[i, j]))
+                layers, instr[i, j], mean[i, j], last[i, j], int(rows[i, j]),
+                None if prefixes is None else prefixes[i, j]))
                 for j, t in enumerate(texts)]
     return store
 
@@ -51,6 +53,7 @@ def save(store: dict[str, Pool], cache: Path) -> None:
     np.savez(tmp, meta=json.dumps({p: [c.text for c in store[p]] for p in keys}),
              layers=np.array(store[keys[0]][0].features.layers),
              instr=array("instruction"), mean=array("mean"), last=array("last"),
+             rows=np.array([[c.features.response_rows for c in store[p]] for p in keys]),
              **({"prefixes": array("prefixes")} if with_prefixes else {}))
     tmp.rename(cache)
 
