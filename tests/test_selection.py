@@ -80,10 +80,21 @@ def test_resample_serves_the_best_resampled_candidate(engine, scorer, monkeypatc
 
     monkeypatch.setattr(serving_generate.policy, "decide", lambda *a, **k: policy.Decision(
         "fallback", (), "resample", resample=True))
+    generations = []  # what each generate_scored returned: the first K, then the resampled K
+    real = serving_generate.ServingGenerate.generate_scored
+
+    async def spy(self, *a, **k):
+        generations.append(await real(self, *a, **k))
+        return generations[-1]
+
+    monkeypatch.setattr(serving_generate.ServingGenerate, "generate_scored", spy)
     r = chat(engine, scorer, threshold=0.0, fallback="resample")
     assert r.srr.fallback == "resample" and r.srr.selected is None
     assert r.usage.completion_tokens == 2 * K * TOKENS
-    assert r.choices[0].message.content not in r.srr.candidate_texts
+    first, again = generations
+    assert [c.text for c in first.generation.candidates] == r.srr.candidate_texts
+    best = int(np.argmax(again.scores))
+    assert r.choices[0].message.content == again.generation.candidates[best].text
 
 
 def test_shadow_scores_but_returns_the_first_sample(engine, scorer):
