@@ -93,7 +93,7 @@ def test_resample_serves_the_best_resampled_candidate(engine, scorer, monkeypatc
     assert r.usage.completion_tokens == 2 * K * TOKENS
     first, again = generations
     assert [c.text for c in first.generation.candidates] == r.srr.candidate_texts
-    best = int(np.argmax(again.scores))
+    best = policy.rank(again.scores)[0]  # the policy's own order, ties included
     assert r.choices[0].message.content == again.generation.candidates[best].text
 
 
