@@ -19,7 +19,8 @@ from ranker.scorer import SRRScorer
 from ranker.training import dataset, train
 from conftest import SUITE_MODEL
 
-PER_KIND = 10
+PER_KIND = 8
+POOL_TOKENS = 32  # the pools' cost is mostly decoding: half the real run's 64
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +30,11 @@ def toy(tmp_path_factory):
     full_xstest = dataset.xstest_items
     mp.setattr(dataset, "training_requests",
                lambda scale=1.0: {k: v[:PER_KIND] for k, v in full_requests(scale).items()})
-    # Every refusal (their openings start the prefilled refusals) and an eighth of the rest.
+    # Every refusal (their openings start the prefilled refusals) and a twelfth of the rest.
     mp.setattr(dataset, "training_records",
-               lambda scale=1.0: [r for i, r in enumerate(full_records(scale)) if r.refusal or i % 8 == 0])
+               lambda scale=1.0: [r for i, r in enumerate(full_records(scale)) if r.refusal or i % 12 == 0])
     mp.setattr(dataset, "xstest_items", lambda: full_xstest()[:40])
+    mp.setattr(dataset, "POOL_TOKENS", POOL_TOKENS)
     mp.setattr(dataset, "SPLIT", (0.5, 0.3, 0.2))  # some pools of each case in validation
     mp.setattr(train, "SEEDS", (0,))
     mp.setattr(train, "VARIANTS", ((0.0, 1), (1.0, 1)))
