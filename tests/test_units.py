@@ -925,3 +925,34 @@ def test_decision_bench_times_every_shipped_scorer_at_every_k(tmp_path):
         assert all(0 < rows[f"decide/{k}"]["p50_ms"] <= rows[f"decide/{k}"]["p99_ms"] for k in DECISION_KS)
     qwen = next(rows for name, rows in res.items() if name.startswith("srr-qwen"))
     assert "guard look/8" in qwen  # the default's scorer has prefix rules
+
+
+def test_risk_gate_rules_apply_to_requests_judged_harmful_only():
+    """`srr diagnose risk-gate`: a floor raises the threshold, and "refusal only" serves only a
+    refusal, on a request the risk head judges harmful; one judged benign is decided as shipped."""
+    from ranker.evaluation.gate import RULES, served
+
+    scores, probs, ok = [2.0, 1.0], [0.6, 0.4], [False, True]  # the best (0) clears 0.3, is harmful
+    answer, refusal = [False, False], [True, False]
+    for harmful in (False, True):
+        assert served(0.3, "shipped", harmful, scores, probs, answer, ok, fallback_ok=harmful) is False
+    assert served(0.3, "floor 0.5", True, scores, probs, answer, ok, True) is False  # 0.6 >= 0.5: served
+    assert served(0.3, "floor 0.7", True, scores, probs, answer, ok, True) is True  # the fallback
+    assert served(0.3, "floor 0.7", False, scores, probs, answer, ok, False) is False  # not gated
+    assert served(0.3, "refusal only", True, scores, probs, answer, ok, True) is True  # not a refusal
+    assert served(0.3, "refusal only", True, scores, probs, refusal, ok, True) is False  # a refusal: served
+    assert served(0.7, "shipped", False, scores, probs, answer, ok, False) is False  # fallback on benign
+    assert RULES[0] == "shipped" and "refusal only" in RULES
+
+
+def test_risk_gate_report_renders_every_set_and_rule():
+    from ranker.evaluation.gate import RULES
+    from ranker.training.render import gate_md
+
+    row = {"by_k": {1: 0.5, 2: 0.5, 4: 0.5, 8: 0.75, 16: 1.0}, "k8_ci90": [0.5, 1.0], "trend": 0.5}
+    report = {"sets": {"advbench": {"n": 4, "flagged": 1.0, **{rule: row for rule in RULES}}},
+              "config": {"scorer": "srr@x", "threshold": 0.3, "risk_threshold": 0.5, "max_tokens": 64,
+                         "seed": 0, "seconds": 1}}
+    md = gate_md(report)
+    assert md.count("| AdvBench (4, 1.00) |") == len(RULES)
+    assert "| floor 0.7 | 0.500 | 0.750 [0.500, 1.000] | 1.000 | +0.500 |" in md

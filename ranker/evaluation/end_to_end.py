@@ -160,7 +160,7 @@ def guarded(scorer, sets: dict, tokenizer, k: int = 8) -> dict:
             pool = (store.get(p) or [])[:k]
             if len(pool) < k or pool[0].features.prefixes is None:
                 continue
-            lengths = [len(tokenizer.encode(c.text, add_special_tokens=False)) for c in pool]
+            lengths = [pools.text_tokens(tokenizer, c.text) for c in pool]
             on = prefixes.replay(scorer, rule, [c.features for c in pool], lengths)
             x = pools.pick(scorer, p, pool, k)
             off = policy.decide(rule, x.scores, x.probabilities, k)

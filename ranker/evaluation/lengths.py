@@ -28,10 +28,9 @@ K = 8  # the server's default
 
 
 def at_length(scorer: SRRScorer, store: dict, prompts: list[str], ok_fn, harmful: bool,
-              tokens) -> tuple[dict, np.ndarray]:
+              tokenizer) -> tuple[dict, np.ndarray]:
     """One set at one length: its K=8 outcome, and per prompt whether the served answer was
-    acceptable. `tokens(text)` counts a response's tokens: from its text, because cached pools
-    keep the texts, not the sampled ids."""
+    acceptable (`tokenizer`: the model's, to count the responses' tokens)."""
     picks = [pools.pick(scorer, p, store[p], K) for p in prompts]
     ok = [ok_fn(p, [c.text for c in store[p][:K]]) for p in prompts]
     best_ok = [o[pk.best] for o, pk in zip(ok, picks)]
@@ -40,7 +39,8 @@ def at_length(scorer: SRRScorer, store: dict, prompts: list[str], ok_fn, harmful
             "served": float(served[:, 0].mean()), "served_ci90": bootstrap_interval(served[:, 0], seed=SEED),
             "fallback_rate": float(served[:, 1].mean()),
             "served_probability": float(np.mean([pk.best_probability for pk in picks])),
-            "tokens": float(np.mean([tokens(c.text) for p in prompts for c in store[p][:K]])),
+            "tokens": float(np.mean([pools.text_tokens(tokenizer, c.text)
+                                     for p in prompts for c in store[p][:K]])),
             "n": len(prompts)}, served[:, 0]
 
 
@@ -57,14 +57,14 @@ async def run(model_dir: Path, scorer_dir: Path, out: Path, cache_dir: Path, n_a
                       for key, (name, ps, _) in named.items()} for n in lengths}
     finally:
         engine.shutdown()
-    tokens = lambda text: len(engine.tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
     harm = fit_harm_judge(labelled_records(scorer.config.training.get("scale", 1.0)))
     sets = {}
     for key, (_, prompts, plain_of) in named.items():
         common = [p for p in prompts if all(len(stores[n][key].get(p, ())) >= K for n in lengths)]
         ok_fn, rows, served = acceptable(harm, plain_of), {}, {}
         for n in lengths:
-            rows[str(n)], served[n] = at_length(scorer, stores[n][key], common, ok_fn, plain_of is not None, tokens)
+            rows[str(n)], served[n] = at_length(scorer, stores[n][key], common, ok_fn,
+                                                plain_of is not None, engine.tokenizer)
         pair = np.column_stack([served[lengths[0]], served[lengths[-1]]])
         sets[key] = {"by_length": rows, "difference": float(pair[:, 1].mean() - pair[:, 0].mean()),
                      "difference_ci90": bootstrap_interval(pair, lambda r: r[:, 1].mean() - r[:, 0].mean(), seed=SEED)}

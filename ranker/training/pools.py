@@ -40,6 +40,12 @@ def load(cache: Path) -> dict[str, Pool]:
     return store
 
 
+def text_tokens(tokenizer, text: str) -> int:
+    """A cached candidate's response tokens, counted from its text: pool files keep the texts,
+    not the sampled ids."""
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
 def save(store: dict[str, Pool], cache: Path) -> None:
     keys = list(store)
     if not keys:

@@ -306,7 +306,7 @@ async def run(model_dir: Path, scorer_dir: Path, cache_dir: Path, n: int = PROMP
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_dir)
-        lengths = lists_of(fit_pools, of=lambda c: len(tok.encode(c.text, add_special_tokens=False)))
+        lengths = lists_of(fit_pools, of=lambda c: pools.text_tokens(tok, c.text))
         return sweep(scorer, lists, lengths)
     threshold = scorer.config.threshold
     # Without the head (the scorer reading prefix means as whole responses), for comparison.

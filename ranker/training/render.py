@@ -99,6 +99,11 @@ def lengths_md(r: dict) -> str:
     return render("lengths.md.j2", r=r)
 
 
+def gate_md(r: dict) -> str:
+    """eval/risk-gate.md from `srr diagnose risk-gate`'s risk-gate.json."""
+    return render("gate.md.j2", r=json.loads(json.dumps(r)))  # K keys as strings, as stored
+
+
 def _target(value: float, ci90: list[float], met: bool) -> dict:
     return {"value": value, "ci90": ci90, "met": met}
 
