@@ -42,7 +42,8 @@ def load(cache: Path) -> dict[str, Pool]:
 
 def text_tokens(tokenizer, text: str) -> int:
     """A cached candidate's response tokens, counted from its text: pool files keep the texts,
-    not the sampled ids."""
+    not the sampled ids. Encoding a text again can split a token the sampler emitted whole,
+    so a count may pass the sampled one by a token or so."""
     return len(tokenizer.encode(text, add_special_tokens=False))
 
 
