@@ -53,15 +53,16 @@ def replay_set(scorer: SRRScorer, store: dict, prompts: list[str], ok_fn, fallba
         instruction, candidates = (torch.from_numpy(np.asarray(a, dtype=np.float32))
                                    for a in stack([c.features for c in store[p][:POOL_K]], cfg.layers, cfg.pooling))
         with torch.no_grad():
-            risk = scorer.risk_probability(instruction[None])
-            harmful = bool(scorer.judged_harmful(risk)[0])
+            harmful = bool(scorer.judged_harmful(scorer.risk_probability(instruction)))
             refusing = (scorer.refusal_probability(candidates) >= cfg.refusal_threshold).tolist()
         flagged.append(harmful)
         for k in KS:
-            s, pr, _ = scorer.judge(instruction[None], candidates[None, :k])
+            x = pools.pick(scorer, p, store[p], k)  # as the server scores the first k
             for rule in RULES:
-                rows[rule][k].append(served(cfg.threshold, rule, harmful, s[0].tolist(), pr[0].tolist(),
+                rows[rule][k].append(served(cfg.threshold, rule, harmful, x.scores, x.probabilities,
                                             refusing, ok, fallback_ok))
+    if not flagged:  # no pool of this set was sampled for these prompts
+        return {"n": 0}
     out = {"n": len(flagged), "flagged": float(np.mean(flagged))}
     for rule, by_k in rows.items():
         v = {k: np.array(x, dtype=float) for k, x in by_k.items()}
