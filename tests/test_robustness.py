@@ -160,23 +160,53 @@ def test_load_32_concurrent_clients(server):
     assert len(lat) == 64
 
 
-def test_client_disconnect_aborts_its_requests(server):
+async def started(base: str, timeout: float = 60) -> float:
+    """vLLM's running-request count once it is above 0 (or 0 after `timeout`). Polled, not
+    slept for: on a busy machine a request may take a while to reach the engine."""
+    deadline = time.time() + timeout
+    running = 0.0
+    while time.time() < deadline and not running:
+        await asyncio.sleep(0.2)
+        running = await asyncio.to_thread(metric, base, "vllm:num_requests_running")
+    return running
+
+
+LONG = 1024  # tokens: a request this long cannot end by itself before the test cancels it
+
+
+@pytest.fixture(scope="module")
+def long_server(model_dir):
+    """A second server whose requests may run long. The disconnect test uses it first; the
+    engine-death test, defined last in this file, kills its engine."""
+    srv = ServerProcess(args=["--max-tokens", str(LONG)])
+    try:
+        srv.wait_healthy()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_client_disconnect_aborts_its_requests(long_server):
+    base = long_server.base
+    before = metric(base, "vllm:generation_tokens_total")
+
     async def go():
-        async with httpx.AsyncClient(base_url=server.base, timeout=600) as c:
+        async with httpx.AsyncClient(base_url=base, timeout=600) as c:
             task = asyncio.create_task(c.post("/v1/chat/completions", json={
-                "model": MODEL, "messages": MSG, "max_tokens": 64, "ignore_eos": True,
+                "model": MODEL, "messages": MSG, "max_tokens": LONG, "ignore_eos": True,
                 "srr": {"candidates": 8}}))
-            await asyncio.sleep(1.5)
-            running = metric(server.base, "vllm:num_requests_running")
+            running = await started(base)
             task.cancel()
             return running
 
     assert asyncio.run(go()) > 0
     deadline = time.time() + 20
-    while time.time() < deadline and metric(server.base, "vllm:num_requests_running") > 0:
+    while time.time() < deadline and metric(base, "vllm:num_requests_running") > 0:
         time.sleep(0.5)
-    assert metric(server.base, "vllm:num_requests_running") == 0
-    assert_healthy(server)
+    assert metric(base, "vllm:num_requests_running") == 0
+    # Stopped, not finished: the 8 candidates generated less than they were asked for.
+    assert metric(base, "vllm:generation_tokens_total") - before < 8 * LONG
+    assert_healthy(long_server)
 
 
 def test_audit_records_hash_text(server):
@@ -202,8 +232,8 @@ def test_scorer_that_does_not_fit_stops_startup(tmp_path):
     assert proc.returncode != 0 and "scorer" in proc.stderr.lower()
 
 
-def test_graceful_shutdown_then_engine_death_exits_nonzero(model_dir):
-    """A second server: SIGTERM finishes the in-flight request; a dead engine gives 503 + exit."""
+def test_graceful_shutdown_finishes_the_inflight_request(model_dir):
+    """A server of its own: SIGTERM finishes the in-flight request, then the process exits."""
     srv = ServerProcess(args=["--max-tokens", "64"])
     try:
         srv.wait_healthy()
@@ -213,7 +243,7 @@ def test_graceful_shutdown_then_engine_death_exits_nonzero(model_dir):
                 task = asyncio.create_task(c.post("/v1/chat/completions", json={
                     "model": MODEL, "messages": MSG, "max_tokens": 48, "ignore_eos": True,
                     "srr": {"candidates": 4}}))
-                await asyncio.sleep(1.0)
+                assert await started(srv.base)
                 srv.proc.send_signal(signal.SIGTERM)
                 return await task
 
@@ -221,30 +251,6 @@ def test_graceful_shutdown_then_engine_death_exits_nonzero(model_dir):
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
         # uvicorn re-raises the SIGTERM it handled once shutdown is complete.
         assert srv.proc.wait(120) in (0, -signal.SIGTERM)
-    finally:
-        srv.stop()
-
-    srv = ServerProcess(args=["--max-tokens", "64"])
-    try:
-        srv.wait_healthy()
-        engine = [p for p in psutil.Process(srv.proc.pid).children(recursive=True)
-                  if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
-        assert engine, "no EngineCore process found"
-        for p in engine:
-            p.kill()
-        deadline = time.time() + 60
-        codes = []
-        while time.time() < deadline and srv.proc.poll() is None:
-            try:
-                codes.append(httpx.get(srv.base + "/health", timeout=2).status_code)
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        assert srv.proc.wait(60) != 0
-        # Probes right after the kill may still see 200 (vLLM notices the death within a
-        # moment); once /health has said 503 it must not say 200 again before the exit.
-        assert 503 in codes, codes
-        assert 200 not in codes[codes.index(503):], codes
     finally:
         srv.stop()
 
@@ -286,3 +292,26 @@ def test_a_rejected_request_under_asyncio_run_ends_the_process(tmp_path, scorer)
                            str(Settings().cache_dir)], cwd=REPO, capture_output=True, text=True,
                           timeout=300 + 16 * RELEASE_TIMEOUT_S)
     assert proc.returncode != 0 and "VLLMValidationError" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_engine_death_gives_503_then_a_nonzero_exit(long_server):
+    """Defined last: it kills `long_server`'s engine."""
+    srv = long_server
+    engine = [p for p in psutil.Process(srv.proc.pid).children(recursive=True)
+              if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+    assert engine, "no EngineCore process found"
+    for p in engine:
+        p.kill()
+    deadline = time.time() + 60
+    codes = []
+    while time.time() < deadline and srv.proc.poll() is None:
+        try:
+            codes.append(httpx.get(srv.base + "/health", timeout=2).status_code)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    assert srv.proc.wait(60) != 0
+    # Probes right after the kill may still see 200 (vLLM notices the death within a
+    # moment); once /health has said 503 it must not say 200 again before the exit.
+    assert 503 in codes, codes
+    assert 200 not in codes[codes.index(503):], codes
