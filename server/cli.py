@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p_check = sub.add_parser("check", help="check capture, parity and the scorer on a model (see server/check.py)")
     p_check.add_argument("--k", type=int, default=4)
     p_check.add_argument("--max-tokens", type=int, default=24)
+    p_check.add_argument("--no-baseline", action="store_true",
+                         help="skip timing a plain vLLM engine beside the capture one (informational only)")
     p_diag = sub.add_parser("diagnose", help="diagnostics that ship nothing (see ranker/evaluation/families.py, gate.py)")
     p_diag.add_argument("what", choices=["xstest-families", "risk-gate"])
     for p in (p_eval, p_diag, p_check, p_prefixes):
@@ -226,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
         model_dir = model_dir_of(args.model_dir)
         return check.main(model_dir, args.scorer_dir or shipped_scorer(model_dir), Settings().cache_dir,
-                          args.k, args.max_tokens)
+                          args.k, args.max_tokens, baseline=not args.no_baseline)
     if args.command == "data":
         from ranker.training import data
 

@@ -63,8 +63,9 @@ def test_check_passes_on_a_model_without_a_scorer(tmp_path):
 
     mine = tmp_path / "my-model"  # not a named model's folder: no shipped scorer
     mine.symlink_to(models.prepare(SUITE_MODEL))
-    out = srr("check", "--model-dir", str(mine), "--k", "3", "--max-tokens", "16")
+    out = srr("check", "--model-dir", str(mine), "--k", "3", "--max-tokens", "16", "--no-baseline")
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert "with / without capture" not in out.stdout  # --no-baseline: no plain engine
     assert "none given: capture checked at the training sweep [4, 7, 11, 15, 18, 22, 26]" in out.stdout
     assert "ok    capture op fires in the compiled graph" in out.stdout
     assert "ok    states match transformers" in out.stdout
