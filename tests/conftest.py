@@ -113,6 +113,18 @@ class ServerProcess:
             time.sleep(1)
         raise TimeoutError(f"server did not become healthy; see {self.log_path}")
 
+    def __enter__(self) -> "ServerProcess":
+        """Healthy before use, stopped after (also when it never became healthy)."""
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -131,13 +143,9 @@ def audited_server(audit: Path, args: list[str], env: dict | None = None):
     """`srr serve` with `args`, `env` (None unsets a variable) and a fresh audit log
     (`srv.audit`), healthy before use and stopped after."""
     audit.unlink(missing_ok=True)
-    srv = ServerProcess({"SRR_AUDIT_LOG": str(audit), **(env or {})}, args)
-    srv.audit = audit
-    try:
-        srv.wait_healthy()
+    with ServerProcess({"SRR_AUDIT_LOG": str(audit), **(env or {})}, args) as srv:
+        srv.audit = audit
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="session")

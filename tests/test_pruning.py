@@ -121,13 +121,9 @@ def committing_server(tmp_path_factory):
     config = json.loads((folder / "config.json").read_text())
     config["prefix_rules"] = {str(PREFIX_TOKENS[0]): COMMIT}
     (folder / "config.json").write_text(json.dumps(config))
-    srv = ServerProcess(args=["--scorer-dir", str(folder), "--prune", "--threshold", "0.5",
-                              "--max-tokens", str(TOKENS)])
-    try:
-        srv.wait_healthy()
+    with ServerProcess(args=["--scorer-dir", str(folder), "--prune", "--threshold", "0.5",
+                             "--max-tokens", str(TOKENS)]) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_the_http_stream_begins_at_the_commit(committing_server):

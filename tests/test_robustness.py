@@ -178,12 +178,8 @@ LONG = 1024  # tokens: a request this long cannot end by itself before the test 
 def long_server(model_dir):
     """A second server whose requests may run long. The disconnect test uses it first; the
     engine-death test, defined last in this file, kills its engine."""
-    srv = ServerProcess(args=["--max-tokens", str(LONG)])
-    try:
-        srv.wait_healthy()
+    with ServerProcess(args=["--max-tokens", str(LONG)]) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_client_disconnect_aborts_its_requests(long_server):
@@ -234,10 +230,7 @@ def test_scorer_that_does_not_fit_stops_startup(tmp_path):
 
 def test_graceful_shutdown_finishes_the_inflight_request(model_dir):
     """A server of its own: SIGTERM finishes the in-flight request, then the process exits."""
-    srv = ServerProcess(args=["--max-tokens", "64"])
-    try:
-        srv.wait_healthy()
-
+    with ServerProcess(args=["--max-tokens", "64"]) as srv:
         async def inflight():
             async with httpx.AsyncClient(base_url=srv.base, timeout=300) as c:
                 task = asyncio.create_task(c.post("/v1/chat/completions", json={
@@ -251,8 +244,6 @@ def test_graceful_shutdown_finishes_the_inflight_request(model_dir):
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
         # uvicorn re-raises the SIGTERM it handled once shutdown is complete.
         assert srv.proc.wait(120) in (0, -signal.SIGTERM)
-    finally:
-        srv.stop()
 
 
 HANG_SCRIPT = """
