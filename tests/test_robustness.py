@@ -230,18 +230,23 @@ def test_scorer_that_does_not_fit_stops_startup(tmp_path):
 
 def test_graceful_shutdown_finishes_the_inflight_request(model_dir):
     """A server of its own: SIGTERM finishes the in-flight request, then the process exits."""
-    with ServerProcess(args=["--max-tokens", "64"]) as srv:
+    # Long enough that the poll cannot miss it (48 tokens once ended between two polls in CI),
+    # short enough to finish inside the server's 60 s graceful-shutdown window.
+    tokens = 256
+    with ServerProcess(args=["--max-tokens", str(tokens)]) as srv:
         async def inflight():
             async with httpx.AsyncClient(base_url=srv.base, timeout=300) as c:
                 task = asyncio.create_task(c.post("/v1/chat/completions", json={
-                    "model": MODEL, "messages": MSG, "max_tokens": 48, "ignore_eos": True,
-                    "srr": {"candidates": 4}}))
+                    "model": MODEL, "messages": MSG, "max_tokens": tokens, "ignore_eos": True,
+                    "srr": {"candidates": 4, "prune": False}}))
                 assert await started(srv.base)
                 srv.proc.send_signal(signal.SIGTERM)
                 return await task
 
         r = asyncio.run(inflight())
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+        # Finished, not cut short: all 4 candidates ran to their length.
+        assert r.json()["usage"]["completion_tokens"] == 4 * tokens
         # uvicorn re-raises the SIGTERM it handled once shutdown is complete.
         assert srv.proc.wait(120) in (0, -signal.SIGTERM)
 
