@@ -147,11 +147,11 @@ def flagged(scorer, stores: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
-def guarded(scorer, sets: dict, tokenizer, k: int = 8) -> dict:
+def guarded(scorer, sets: dict, k: int = 8) -> dict:
     """Pruning on against off at K=k, on the same lists (`prefixes.replay`): per set whose
     pools carry prefix means, the share served an acceptable answer each way and their paired
-    difference (90% interval), the tokens generated on / off (text tokens; a stopped
-    candidate counts up to its checkpoint), and how often the guard exited or committed."""
+    difference (90% interval), the tokens generated on / off (a stopped candidate
+    counts up to its checkpoint), and how often the guard exited or committed."""
     rule = Policy(scorer.config.threshold)
     out = {}
     for name, (store, prompts, safe_fn, refusal_value) in sets.items():
@@ -160,7 +160,7 @@ def guarded(scorer, sets: dict, tokenizer, k: int = 8) -> dict:
             pool = (store.get(p) or [])[:k]
             if len(pool) < k or pool[0].features.prefixes is None:
                 continue
-            lengths = [pools.text_tokens(tokenizer, c.text) for c in pool]
+            lengths = [pools.sampled_tokens(c) for c in pool]
             on = prefixes.replay(scorer, rule, [c.features for c in pool], lengths)
             x = pools.pick(scorer, p, pool, k)
             off = policy.decide(rule, x.scores, x.probabilities, k)

@@ -124,9 +124,7 @@ async def run(model_dir: Path, scorer_dir: Path, out: Path, cache_dir: Path, n_a
     report["tradeoff"] = tradeoff(scorer, sets, picks)
     report["resample"] = resample_policy(scorer, sets, picks, resampled)
     if scorer.config.prefix_rules:
-        from transformers import AutoTokenizer
-
-        report["guard"] = guarded(scorer, sets, AutoTokenizer.from_pretrained(model_dir))
+        report["guard"] = guarded(scorer, sets)
     xs_lists = make_lists(ds.parts["xstest"], ds.store, scorer.config.layers, scorer.config.pooling)
     ranked = top1_by_type(predict(scorer, xs_lists), xs_lists, xs_types)
     report["xstest_by_type"] = {

@@ -27,10 +27,10 @@ from ranker.training.stats import bootstrap_interval
 K = 8  # the server's default
 
 
-def at_length(scorer: SRRScorer, store: dict, prompts: list[str], ok_fn, harmful: bool,
-              tokenizer) -> tuple[dict, np.ndarray]:
+def at_length(scorer: SRRScorer, store: dict, prompts: list[str], ok_fn,
+              harmful: bool) -> tuple[dict, np.ndarray]:
     """One set at one length: its K=8 outcome, and per prompt whether the served answer was
-    acceptable (`tokenizer`: the model's, to count the responses' tokens)."""
+    acceptable."""
     picks = [pools.pick(scorer, p, store[p], K) for p in prompts]
     ok = [ok_fn(p, [c.text for c in store[p][:K]]) for p in prompts]
     best_ok = [o[pk.best] for o, pk in zip(ok, picks)]
@@ -39,7 +39,7 @@ def at_length(scorer: SRRScorer, store: dict, prompts: list[str], ok_fn, harmful
             "served": float(served[:, 0].mean()), "served_ci90": bootstrap_interval(served[:, 0], seed=SEED),
             "fallback_rate": float(served[:, 1].mean()),
             "served_probability": float(np.mean([pk.best_probability for pk in picks])),
-            "tokens": float(np.mean([pools.text_tokens(tokenizer, c.text)
+            "tokens": float(np.mean([pools.sampled_tokens(c)
                                      for p in prompts for c in store[p][:K]])),
             "n": len(prompts)}, served[:, 0]
 
@@ -64,7 +64,7 @@ async def run(model_dir: Path, scorer_dir: Path, out: Path, cache_dir: Path, n_a
         ok_fn, rows, served = acceptable(harm, plain_of), {}, {}
         for n in lengths:
             rows[str(n)], served[n] = at_length(scorer, stores[n][key], common, ok_fn,
-                                                plain_of is not None, engine.tokenizer)
+                                                plain_of is not None)
         pair = np.column_stack([served[lengths[0]], served[lengths[-1]]])
         sets[key] = {"by_length": rows, "difference": float(pair[:, 1].mean() - pair[:, 0].mean()),
                      "difference_ci90": bootstrap_interval(pair, lambda r: r[:, 1].mean() - r[:, 0].mean(), seed=SEED)}

@@ -40,11 +40,11 @@ def load(cache: Path) -> dict[str, Pool]:
     return store
 
 
-def text_tokens(tokenizer, text: str) -> int:
-    """A cached candidate's response tokens, counted from its text: pool files keep the texts,
-    not the sampled ids. Encoding a text again can split a token the sampler emitted whole,
-    so a count may pass the sampled one by a token or so."""
-    return len(tokenizer.encode(text, add_special_tokens=False))
+def sampled_tokens(c: Candidate) -> int:
+    """A cached candidate's sampled tokens (pool files keep no ids): the response rows its
+    capture fed, and the last token, sampled but never fed (test_capture checks the rows are
+    the tokens less one). Exact, where encoding the text again may split a token."""
+    return c.features.response_rows + 1
 
 
 def save(store: dict[str, Pool], cache: Path) -> None:

@@ -303,10 +303,7 @@ async def run(model_dir: Path, scorer_dir: Path, cache_dir: Path, n: int = PROMP
     train_pools, fit_pools = halves(store)
     lists = lists_of(fit_pools)
     if sweep_only:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        lengths = lists_of(fit_pools, of=lambda c: pools.text_tokens(tok, c.text))
+        lengths = lists_of(fit_pools, of=pools.sampled_tokens)
         return sweep(scorer, lists, lengths)
     threshold = scorer.config.threshold
     # Without the head (the scorer reading prefix means as whole responses), for comparison.
