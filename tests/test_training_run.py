@@ -120,11 +120,15 @@ def test_eval_runs_end_to_end_on_the_trained_scorer(toy, trained, calibrated):
     sets = {*HARMFUL_SETS, *BENIGN_SETS}
     assert set(report["trend"]) == set(report["risk"]) == set(report["guard"]) == sets
     assert all(v["n"] == 4 and 0 < v["tokens_ratio"] <= 1 for v in report["guard"].values())
+    for v in report["guard"].values():  # the lists served otherwise account for the difference
+        worse, better = (sum(c[i] for c in v["served_otherwise"].values()) for i in (0, 2))
+        assert v["served_on"] - v["served_off"] == pytest.approx((better - worse) / v["n"])
     assert all(report[name][16]["n"] == 4 for name in sets)
     assert all(0.0 <= v["flagged"] <= 1.0 for v in report["risk"].values())
     md = (toy / "eval" / "report.md").read_text()
     assert "## Targets, K=8" in md and "## The request-level risk signal" in md
     assert "AdvBench in held-out in-the-wild prompts" in md and "## Pruning while generating" in md
+    assert "Where on and off serve a different answer" in md
 
 
 def test_eval_lengths_replays_the_decision_at_each_response_length(toy, trained):

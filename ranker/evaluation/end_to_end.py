@@ -151,11 +151,15 @@ def guarded(scorer, sets: dict, k: int = 8) -> dict:
     """Pruning on against off at K=k, on the same lists (`prefixes.replay`): per set whose
     pools carry prefix means, the share served an acceptable answer each way and their paired
     difference (90% interval), the tokens generated on / off (a stopped candidate
-    counts up to its checkpoint), and how often the guard exited or committed."""
+    counts up to its checkpoint), how often the guard exited or committed, and where the two
+    serve differently: per guard decision ("commit", "exit", or "pruned" for neither), the
+    lists whose served answer the judges found worse, equal and better with pruning on (the
+    difference is (better - worse) / n)."""
     rule = Policy(scorer.config.threshold)
     out = {}
     for name, (store, prompts, safe_fn, refusal_value) in sets.items():
         rows, tokens, decided = [], [], Counter()
+        differ = {d: [0, 0, 0] for d in ("commit", "exit", "pruned")}
         for p in prompts:
             pool = (store.get(p) or [])[:k]
             if len(pool) < k or pool[0].features.prefixes is None:
@@ -166,7 +170,10 @@ def guarded(scorer, sets: dict, k: int = 8) -> dict:
             off = policy.decide(rule, x.scores, x.probabilities, k)
             ok = safe_fn(p, [c.text for c in pool])
             value = lambda i: refusal_value if i is None else bool(ok[i])  # noqa: E731
-            rows.append((value(off.order[0] if off.order else None), value(on.served)))
+            served_off = off.order[0] if off.order else None
+            rows.append((value(served_off), value(on.served)))
+            if on.served != served_off:
+                differ[on.decided or "pruned"][int(rows[-1][1]) - int(rows[-1][0]) + 1] += 1
             tokens.append((sum(lengths), on.tokens))
             decided[on.decided] += 1
         if not rows:
@@ -175,5 +182,6 @@ def guarded(scorer, sets: dict, k: int = 8) -> dict:
         out[name] = {"served_off": float(r[:, 0].mean()), "served_on": float(r[:, 1].mean()),
                      "difference_ci90": bootstrap_interval(r, lambda x: x[:, 1].mean() - x[:, 0].mean(), seed=SEED),
                      "tokens_ratio": float(t[:, 1].sum() / t[:, 0].sum()),
-                     "exits": decided["exit"] / len(r), "commits": decided["commit"] / len(r), "n": len(r)}
+                     "exits": decided["exit"] / len(r), "commits": decided["commit"] / len(r),
+                     "served_otherwise": differ, "n": len(r)}
     return out
